@@ -1,0 +1,213 @@
+"""Hugging Face checkpoint directories in and out: config.json + safetensors (single or sharded).
+
+Owns the weight-name mapping between HF and llmos. Never unpickles: `.bin`/`.pt` checkpoints are refused.
+Writes are atomic: a new checkpoint is written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llmos.errors import ModelLoadError
+from llmos.model.config import ModelConfig, rope_inv_freq
+from llmos.model.transformer import CausalLM, GPT2LMHeadModel, LlamaForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({e}); restore it from the checkpoint.") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing; "
+                                 "download or copy the complete checkpoint.")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any((path / n).exists() for n in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
+        raise ModelLoadError(f"{path} holds only pickled PyTorch weights (.bin/.pt); llmos loads safetensors only "
+                             "because unpickling can run arbitrary code. Convert it with transformers: "
+                             "model.save_pretrained(dir, safe_serialization=True).")
+    raise ModelLoadError(f"{path} has no model.safetensors or {INDEX_FILE}; it is not a complete checkpoint.")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    tensors[key] = sf.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{f} is corrupt or truncated ({e}); re-download or re-save the checkpoint.") from None
+    return tensors
+
+
+def _hf_to_llmos(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in hf.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if config.family == "gpt2":
+            if not key.startswith(("transformer.", "lm_head.")):
+                key = "transformer." + key
+            if key.endswith(GPT2_CONV1D):
+                t = t.t()
+        out[key] = t
+    return out
+
+
+def _llmos_to_hf(model: CausalLM) -> dict[str, torch.Tensor]:
+    config = model.config
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if config.family == "gpt2" and key.endswith(GPT2_CONV1D):
+            t = t.t()
+        out[key] = t.contiguous()
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[CausalLM, ModelConfig]:
+    """Load a HF checkpoint directory into an llmos model in eval mode.
+
+    `dtype` defaults to float32 on CPU and to the checkpoint's dtype on CUDA.
+    Raises `ModelLoadError` (missing directory or files, corrupt safetensors, missing/unexpected
+    weights, shape mismatch) or `UnsupportedModelError` (architecture llmos cannot run).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist; pass --model a Hugging Face "
+                             "checkpoint directory (see `llmos models`).")
+    config = ModelConfig.from_dir(path)
+    tensors = _hf_to_llmos(config, _read_tensors(_weight_files(path)))
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else DTYPES.get(config.torch_dtype, torch.float32)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config) if config.family == "gpt2" else LlamaForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: weights do not match config.json ({config.model_type}): missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
+            "The config and the weights come from different models; restore the matching pair.")
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise ModelLoadError(f"{path}: weight {key} has shape {tuple(tensors[key].shape)} but config.json implies "
+                                 f"{tuple(shape)}; the config and the weights come from different models.")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.family == "gpt2":
+        model.lm_head.weight = model.transformer.wte.weight
+    else:
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = torch.tensor(rope_inv_freq(config), dtype=torch.float32, device=device)
+    return model.eval(), config
+
+
+def load_generation_config(path: str | Path) -> dict[str, Any]:
+    """`generation_config.json` as a dict, or {} when absent or unreadable."""
+    f = Path(path) / "generation_config.json"
+    try:
+        d = json.loads(f.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def save_model(model: CausalLM, config: ModelConfig, path: str | Path, dtype: torch.dtype | None = None,
+               tokenizer: Any = None, max_shard_bytes: int = 4 * 2**30,
+               generation_config: dict | None = None) -> Path:
+    """Write a HF checkpoint directory that `transformers.AutoModelForCausalLM` loads.
+
+    Writes config.json, model.safetensors (or shards + index above `max_shard_bytes`),
+    generation_config.json and, if given, the tokenizer (`tokenizer.save(dir)`), into a temporary
+    directory beside `path`, then swaps it into place, so a crash never leaves a partial checkpoint
+    where a good one was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tensors = _llmos_to_hf(model)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        cfg = config.to_hf()
+        cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        _write_tensors(tmp, {k: v.detach().cpu() for k, v in tensors.items()}, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        gen = generation_config or {"bos_token_id": config.bos_token_id,
+                                    "eos_token_id": config.eos_token_ids[0] if len(config.eos_token_ids) == 1
+                                    else config.eos_token_ids or None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_tensors(d: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(d / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (d / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

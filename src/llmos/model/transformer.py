@@ -1,0 +1,248 @@
+"""Decoder-only transformers: the Llama family (Llama 2/3, Qwen2, Mistral) and GPT-2.
+
+Pure tensors in, tensors out. Parameter names mirror Hugging Face's so checkpoints map one to one.
+Never knows about processes or scheduling: the runner hands it token rows, positions and a paged cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmos.model.attention import AttentionMetadata, paged_attention
+from llmos.model.config import ModelConfig, rope_inv_freq
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """Root mean square layer norm (Zhang & Sennrich 2019), computed in fp32 as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021), half-split layout. `x` `[..., T, heads, head_dim]`, cos/sin `[..., T, 1, head_dim]`."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        self.scale = c.head_dim ** -0.5
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Dense causal attention. `x` `[B, T, hidden]`."""
+        q, k, v = self.qkv(x, cos, sin)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+    def forward_paged(self, x, cos, sin, kv, meta: AttentionMetadata) -> torch.Tensor:
+        """Paged attention. `x` `[N, hidden]`, `kv` = (k_cache, v_cache) of this layer."""
+        q, k, v = self.qkv(x, cos, sin)
+        o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        return self.o_proj(o.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020)."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, x, cos, sin, kv=None, meta=None):
+        h = self.input_layernorm(x)
+        h = self.self_attn(h, cos, sin) if meta is None else self.self_attn.forward_paged(h, cos, sin, kv, meta)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Common interface of llmos models.
+
+    - `forward(input_ids [B, T]) -> logits [B, T, vocab]`: dense causal pass (training, oracle tests).
+    - `forward_paged(input_ids [N], positions [N], kv_caches, meta) -> hidden [N, hidden]`: the kernel's pass.
+    - `compute_logits(hidden [M, hidden]) -> logits [M, vocab]` in fp32.
+    """
+
+    config: ModelConfig
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.model = LlamaBackbone(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", torch.tensor(rope_inv_freq(c), dtype=torch.float32), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin `[*positions.shape, 1, head_dim]` for integer positions."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
+        return self.model.norm(x)
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = c.num_heads, c.head_dim
+        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.scale = c.head_dim ** -0.5
+
+    def qkv(self, x):
+        q, k, v = self.c_attn(x).split(self.num_heads * self.head_dim, dim=-1)
+        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
+        return q.view(shape), k.view(shape), v.view(shape)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           scale=self.scale)
+        return self.c_proj(o.transpose(1, 2).flatten(2))
+
+    def forward_paged(self, x, kv, meta):
+        q, k, v = self.qkv(x)
+        return self.c_proj(paged_attention(q, k, v, kv[0], kv[1], meta, self.scale).flatten(1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.approximate = "none" if c.hidden_act == "gelu" else "tanh"
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.attn = GPT2Attention(c)
+        self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.mlp = GPT2MLP(c)
+
+    def forward(self, x, kv=None, meta=None):
+        h = self.ln_1(x)
+        x = x + (self.attn(h) if meta is None else self.attn.forward_paged(h, kv, meta))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Backbone(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.wpe = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class GPT2LMHeadModel(CausalLM):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.transformer = GPT2Backbone(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def forward_paged(self, input_ids, positions, kv_caches: KVCaches, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        for block, kv in zip(self.transformer.h, kv_caches):
+            x = block(x, kv, meta)
+        return self.transformer.ln_f(x)
+
+
+def build_model(config: ModelConfig) -> CausalLM:
+    """A randomly initialised model of `config`'s family (normal(0, 0.02) weights, as HF initialises)."""
+    model = GPT2LMHeadModel(config) if config.family == "gpt2" else LlamaForCausalLM(config)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    return model
