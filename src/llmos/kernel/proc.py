@@ -1,0 +1,163 @@
+"""Processes: one generation request as a plain record plus its state machine.
+
+Owns the `Process` record and every state change (named functions below, each
+checking the source state). It must never touch the KV cache, the model or the
+scheduler's queues: those belong to kvcache.py, runner.py and sched.py.
+
+State diagram (xv6 style: no hidden transitions):
+
+         admit()          start()            finish(p, reason)
+    NEW ---------> READY ---------> RUNNING -------------------> FINISHED
+     |              ^ |                |
+     |              | '--- preempt() --'    (recompute: num_computed_tokens = 0)
+     |              |        |
+     '---- kill() --+--------+--------------------------------> KILLED
+
+    kill() is legal from NEW, READY and RUNNING; FINISHED and KILLED are final.
+
+Token accounting: `token_ids` = prompt + output. `num_computed_tokens` of them have
+their K/V written in the cache; a step computes `n <= num_tokens - num_computed_tokens`
+more. When a step leaves `num_computed_tokens == num_tokens`, the runner samples one
+new token and `append_token` makes it the next uncomputed one.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmos.model.sampling import SamplingParams
+
+FINISH_REASONS = ("stop", "length", "abort")  # for finish(); kill() uses "killed"
+
+
+class ProcState(enum.Enum):
+    NEW = "new"
+    READY = "ready"
+    RUNNING = "running"
+    FINISHED = "finished"
+    KILLED = "killed"
+
+
+class InvalidTransitionError(RuntimeError):
+    """A programming error: a state change was asked from a state that does not allow it."""
+
+
+@dataclass(eq=False)
+class Process:
+    """One generation. Identity is the object (eq=False), so it can sit in sets and deques.
+
+    Times are `time.monotonic()` seconds. `finish_reason` is one of "stop", "length",
+    "abort" (set by finish) or "killed" (set by kill); None while alive.
+    """
+
+    pid: int
+    owner: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    state: ProcState = ProcState.NEW
+    output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"process {self.pid}: empty prompt (the kernel must reject it at spawn)")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.output_token_ids = list(self.output_token_ids)
+        self.token_ids = self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V still have to be computed before the next sample (>= 1 while alive)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True unless the next step is a plain decode: exactly one uncomputed token after
+        at least one computed one. A fresh or preempted process is in prefill, even with a
+        one-token prompt; so is one whose recompute after preemption is not done yet."""
+        return self.num_computed_tokens == 0 or self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (ProcState.FINISHED, ProcState.KILLED)
+
+    def __repr__(self) -> str:
+        return (f"Process(pid={self.pid}, state={self.state.name}, tokens={self.num_prompt_tokens}"
+                f"+{self.num_output_tokens}, computed={self.num_computed_tokens})")
+
+
+def _transition(p: Process, allowed: tuple[ProcState, ...], new: ProcState, name: str) -> None:
+    if p.state not in allowed:
+        legal = "/".join(s.name for s in allowed)
+        raise InvalidTransitionError(
+            f"{name}(pid={p.pid}): process is {p.state.name}, {name} needs {legal}")
+    p.state = new
+
+
+def admit(p: Process) -> None:
+    """NEW -> READY: the kernel accepted the process; it may now be queued."""
+    _transition(p, (ProcState.NEW,), ProcState.READY, "admit")
+
+
+def start(p: Process) -> None:
+    """READY -> RUNNING: the scheduler gave it blocks and a place in the batch."""
+    _transition(p, (ProcState.READY,), ProcState.RUNNING, "start")
+
+
+def preempt(p: Process) -> None:
+    """RUNNING -> READY by recompute: its K/V are gone (the caller freed its blocks),
+    so every token, prompt and output alike, must be computed again."""
+    _transition(p, (ProcState.RUNNING,), ProcState.READY, "preempt")
+    p.num_computed_tokens = 0
+    p.num_preemptions += 1
+
+
+def finish(p: Process, reason: str) -> None:
+    """RUNNING -> FINISHED with reason "stop", "length" or "abort"; records finish_time."""
+    if reason not in FINISH_REASONS:
+        raise ValueError(f"finish(pid={p.pid}): reason {reason!r} is not one of {FINISH_REASONS}")
+    _transition(p, (ProcState.RUNNING,), ProcState.FINISHED, "finish")
+    p.finish_reason = reason
+    p.finish_time = time.monotonic()
+
+
+def kill(p: Process) -> None:
+    """NEW/READY/RUNNING -> KILLED (finish_reason "killed"). The caller frees its blocks."""
+    _transition(p, (ProcState.NEW, ProcState.READY, ProcState.RUNNING), ProcState.KILLED, "kill")
+    p.finish_reason = "killed"
+    p.finish_time = time.monotonic()
+
+
+def append_token(p: Process, token_id: int) -> None:
+    """Append one sampled token to the output (and token_ids); the first sets first_token_time.
+    Only a RUNNING process samples."""
+    if p.state is not ProcState.RUNNING:
+        raise InvalidTransitionError(f"append_token(pid={p.pid}): process is {p.state.name}, needs RUNNING")
+    if p.first_token_time is None:
+        p.first_token_time = time.monotonic()
+    p.output_token_ids.append(token_id)
+    p.token_ids.append(token_id)
