@@ -1,0 +1,85 @@
+"""The model runner: turns one scheduled batch into tensors, runs the model on the paged cache, samples.
+
+Owns the batch layout (token ids, positions, slot mapping, block tables) and the per-process RNGs.
+Never decides who runs (sched.py) or changes process state (kernel.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmos.kernel.kvcache import BlockManager, KVPool
+from llmos.kernel.proc import Process
+from llmos.kernel.sched import ScheduledBatch
+from llmos.model.attention import AttentionMetadata, PrefillSegment
+from llmos.model.sampling import Sampler, make_generator
+from llmos.model.transformer import CausalLM
+
+
+class ModelRunner:
+    """Runs a `CausalLM` over a `KVPool`.
+
+    `execute(batch)` computes `n` new tokens for every `(process, n)` item and returns
+    `[(process, token_id)]` for the items that completed their uncomputed tokens (decodes and
+    last prefill chunks); a partial prefill chunk samples nothing.
+    """
+
+    def __init__(self, model: CausalLM, pool: KVPool, block_manager: BlockManager, device: torch.device) -> None:
+        self.model, self.pool, self.block_manager, self.device = model, pool, block_manager, device
+        self.block_size = pool.block_size
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator | None] = {}
+
+    def generator(self, p: Process) -> torch.Generator | None:
+        """The process's own RNG, seeded from its params (created on first use, kept across preemption)."""
+        if p.pid not in self.generators:
+            self.generators[p.pid] = make_generator(p.params.seed, self.device)
+        return self.generators[p.pid]
+
+    def release(self, pid: int) -> None:
+        self.generators.pop(pid, None)
+
+    def prepare(self, batch: ScheduledBatch):
+        """Flatten the batch: `ids`/`positions`/`slots` `[N]`, the attention metadata, and the row of the
+        last token of each item that samples this step."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        dec_tables, dec_lens, segments = [], [], []
+        sample_rows, sampling = [], []
+        for p, n in batch.items:
+            start = p.num_computed_tokens
+            table = self.block_manager.block_table(p.pid)
+            row = len(ids)
+            ids.extend(p.token_ids[start:start + n])
+            if n == 1 and start > 0:  # decode: one row, attends over the whole cached context
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                dec_tables.append(table)
+                dec_lens.append(start + 1)
+            else:
+                pos = torch.arange(start, start + n)
+                table_t = torch.tensor(table, dtype=torch.int64)
+                positions.extend(range(start, start + n))
+                slots.extend((table_t[pos // bs] * bs + pos % bs).tolist())
+                segments.append(PrefillSegment(row, n, start + n, table_t[: -(-(start + n) // bs)].to(self.device)))
+            if start + n == p.num_tokens:
+                sample_rows.append(row + n - 1)
+                sampling.append(p)
+        dev = self.device
+        meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.int64, device=dev), dec_tables, dec_lens,
+                                       segments, bs, dev)
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
+                meta, sample_rows, sampling)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Process, int]]:
+        ids, positions, meta, sample_rows, sampling = self.prepare(batch)
+        hidden = self.model.forward_paged(ids, positions, self.pool.kv_caches, meta)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        tokens = self.sampler.sample(logits, [p.params for p in sampling], [self.generator(p) for p in sampling],
+                                     [p.token_ids for p in sampling])
+        return list(zip(sampling, tokens.tolist()))
