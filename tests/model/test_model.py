@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 from llmos.errors import ModelLoadError, UnsupportedModelError
-from llmos.model.attention import AttentionMetadata, PrefillSegment
+from llmos.model.attention import AttentionMetadata, Segment
 from llmos.model.config import ModelConfig
 from llmos.model.loader import load_model, save_model
 from llmos.model.transformer import build_model
@@ -64,18 +64,15 @@ class PagedCache:
 
     def step(self, model, decodes, prefills):
         """decodes: [(seq, token, pos)]; prefills: [(seq, tokens, start_pos)]. Returns last-row logits per entry."""
-        ids, pos, slots, segs, dec_tables, dec_lens, last = [], [], [], [], [], [], []
-        for seq, tok, p in decodes:
-            ids.append(tok), pos.append(p), slots.extend(self.slots(seq, p, 1))
-            dec_tables.append(self.tables[seq]), dec_lens.append(p + 1), last.append(len(ids) - 1)
-        for seq, toks, p0 in prefills:
+        ids, pos, slots, segs = [], [], [], []
+        for seq, toks, p0 in [(seq, [tok], p) for seq, tok, p in decodes] + prefills:
             start = len(ids)
             ids += toks
             pos += range(p0, p0 + len(toks))
             slots += self.slots(seq, p0, len(toks))
-            segs.append(PrefillSegment(start, len(toks), p0 + len(toks), torch.tensor(self.tables[seq])))
-            last.append(len(ids) - 1)
-        meta = AttentionMetadata.build(torch.tensor(slots), dec_tables, dec_lens, segs, self.bs)
+            segs.append(Segment(start, len(toks), p0 + len(toks), torch.tensor(self.tables[seq])))
+        meta = AttentionMetadata(torch.tensor(slots), segs)
+        last = [seg.start + seg.length - 1 for seg in segs]
         with torch.no_grad():
             h = model.forward_paged(torch.tensor(ids), torch.tensor(pos), self.kv, meta)
             return model.compute_logits(h[last])

@@ -11,7 +11,7 @@ import torch
 from llmos.kernel.kvcache import BlockManager, KVPool
 from llmos.kernel.proc import Process
 from llmos.kernel.sched import ScheduledBatch
-from llmos.model.attention import AttentionMetadata, PrefillSegment
+from llmos.model.attention import AttentionMetadata, Segment
 from llmos.model.sampling import Sampler, make_generator
 from llmos.model.transformer import CausalLM
 
@@ -40,36 +40,28 @@ class ModelRunner:
         self.generators.pop(pid, None)
 
     def prepare(self, batch: ScheduledBatch):
-        """Flatten the batch: `ids`/`positions`/`slots` `[N]`, the attention metadata, and the row of the
-        last token of each item that samples this step."""
-        bs = self.block_size
+        """Flatten the batch: `ids`/`positions`/`slots` `[N]`, one attention segment per process, and the
+        row of the last token of each item that samples this step."""
+        bs, dev = self.block_size, self.device
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        dec_tables, dec_lens, segments = [], [], []
-        sample_rows, sampling = [], []
+        segments, sample_rows, sampling = [], [], []
         for p, n in batch.items:
-            start = p.num_computed_tokens
-            table = self.block_manager.block_table(p.pid)
-            row = len(ids)
+            start, row = p.num_computed_tokens, len(ids)
+            table = self.block_manager.block_table(p.pid)[: -(-(start + n) // bs)]
             ids.extend(p.token_ids[start:start + n])
-            if n == 1 and start > 0:  # decode: one row, attends over the whole cached context
-                positions.append(start)
+            positions.extend(range(start, start + n))
+            if n == 1:  # decode: one slot, no tensor arithmetic
                 slots.append(table[start // bs] * bs + start % bs)
-                dec_tables.append(table)
-                dec_lens.append(start + 1)
             else:
                 pos = torch.arange(start, start + n)
-                table_t = torch.tensor(table, dtype=torch.int64)
-                positions.extend(range(start, start + n))
-                slots.extend((table_t[pos // bs] * bs + pos % bs).tolist())
-                segments.append(PrefillSegment(row, n, start + n, table_t[: -(-(start + n) // bs)].to(self.device)))
+                slots.extend((torch.tensor(table)[pos // bs] * bs + pos % bs).tolist())
+            segments.append(Segment(row, n, start + n, torch.tensor(table, dtype=torch.int64, device=dev)))
             if start + n == p.num_tokens:
                 sample_rows.append(row + n - 1)
                 sampling.append(p)
-        dev = self.device
-        meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.int64, device=dev), dec_tables, dec_lens,
-                                       segments, bs, dev)
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), segments)
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
                 meta, sample_rows, sampling)
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 
 @dataclass
-class PrefillSegment:
-    """One sequence's prefill chunk in the flattened batch.
+class Segment:
+    """One sequence's new tokens in the flattened batch (a decode row or a prefill chunk).
 
     Rows `start : start + length` of the batch are its new tokens; after they are written the sequence
-    has `context_len` tokens in the cache, the new ones last. `block_table` is `[num_blocks]` int64.
+    has `context_len` tokens in the cache, the new ones last. `block_table` is `[num_blocks]` int64 and
+    covers exactly `context_len` tokens.
     """
 
     start: int
@@ -30,36 +31,12 @@ class PrefillSegment:
 class AttentionMetadata:
     """Everything attention needs to find K/V, shared by all layers of one step.
 
-    The flattened batch holds `N` token rows: first `num_decode` decode rows (one per sequence),
-    then the prefill chunks.
-
     - `slot_mapping`: `[N]` int64, `block_id * block_size + offset` where each row's K/V is written.
-    - `decode_block_tables`: `[num_decode, max_blocks]` int64 (padded with 0).
-    - `decode_mask`: `[num_decode, 1, 1, max_blocks * block_size]` bool, True where a key is valid.
-    - `prefills`: one `PrefillSegment` per prefill chunk.
+    - `segments`: one `Segment` per sequence in the batch, in row order.
     """
 
     slot_mapping: torch.Tensor
-    num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
-    prefills: list[PrefillSegment] = field(default_factory=list)
-
-    @staticmethod
-    def build(slot_mapping: torch.Tensor, decode_tables: list[list[int]], decode_context_lens: list[int],
-              prefills: list[PrefillSegment], block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
-        """Pad the decode block tables and make the key mask once per step (not once per layer)."""
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=len(decode_tables), prefills=prefills)
-        if decode_tables:
-            max_blocks = max(len(t) for t in decode_tables)
-            tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.int64)
-            for i, t in enumerate(decode_tables):
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-            lens = torch.tensor(decode_context_lens, dtype=torch.int64)
-            mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]
-            meta.decode_block_tables = tables.to(device)
-            meta.decode_mask = mask[:, None, None, :].to(device)
-        return meta
+    segments: list[Segment] = field(default_factory=list)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,34 +52,31 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     Args: `q` `[N, heads, head_dim]`, `k`/`v` `[N, kv_heads, head_dim]` (the new rows, already
     rotated), caches `[num_blocks, block_size, kv_heads, head_dim]`. Returns `[N, heads, head_dim]`.
-    Writes the new K/V first (slot mapping), then decode rows attend in one batched SDPA over
-    their gathered blocks; each prefill chunk attends over its own context (grouped-query
-    attention via SDPA's `enable_gqa`).
+
+    Writes the new K/V first (slot mapping). Then each sequence gathers only its own blocks
+    (`index_select` by its block table) and attends with SDPA (grouped-query attention via
+    `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
+    keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was
+    5x slower on CPU (measured, see docs/benchmarks.md). A chunk with nothing cached before it
+    attends over its own new rows and reads no cache at all.
     """
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    d = meta.num_decode
-    if d:
-        tables = meta.decode_block_tables
-        kd = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [D, kv_heads, L, head_dim]
-        vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        qd = q[:d].unsqueeze(2)  # [D, heads, 1, head_dim]
-        o = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=gqa)
-        out[:d] = o.squeeze(2)
-    for seg in meta.prefills:
+    kv_shape = k_cache.shape[2:]
+    for seg in meta.segments:
         rows = slice(seg.start, seg.start + seg.length)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, head_dim]
         if seg.context_len == seg.length:  # nothing cached before this chunk: attend over the new rows
             ks, vs = k[rows], v[rows]
-            mask, causal = None, True
+            mask, causal = None, seg.length > 1
         else:
-            ks = k_cache[seg.block_table].flatten(0, 1)[: seg.context_len]
-            vs = v_cache[seg.block_table].flatten(0, 1)[: seg.context_len]
-            q_pos = torch.arange(seg.context_len - seg.length, seg.context_len, device=q.device)
-            mask = torch.arange(seg.context_len, device=q.device)[None, :] <= q_pos[:, None]
-            causal = False
+            ks = k_cache.index_select(0, seg.block_table).view(-1, *kv_shape)[: seg.context_len]
+            vs = v_cache.index_select(0, seg.block_table).view(-1, *kv_shape)[: seg.context_len]
+            mask, causal = None, False
+            if seg.length > 1:  # a later prefill chunk: query i sees keys up to its own position
+                q_pos = torch.arange(seg.context_len - seg.length, seg.context_len, device=q.device)
+                mask = torch.arange(seg.context_len, device=q.device)[None, :] <= q_pos[:, None]
         ks = ks.transpose(0, 1).unsqueeze(0).to(q.dtype)
         vs = vs.transpose(0, 1).unsqueeze(0).to(q.dtype)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale,
