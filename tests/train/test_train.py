@@ -120,6 +120,19 @@ def test_same_seed_same_weights(tmp_path):
         torch.testing.assert_close(weights[0][key], weights[1][key], atol=0, rtol=0)
 
 
+def test_reusing_a_tokenizer_and_restoring_threads(tmp_path, trained):
+    (tmp_path / "t.txt").write_text(TEXT * 8, encoding="utf-8")
+    first, _ = trained
+    threads = torch.get_num_threads()
+    config = tiny_config(tmp_path, [tmp_path / "t.txt"], tokenizer=first.out_dir, vocab_size=1, max_steps=2,
+                         eval_interval=2, num_threads=1)
+    train(config)
+    assert torch.get_num_threads() == threads
+    a = json.loads(open(f"{first.out_dir}/tokenizer.json").read())["model"]["vocab"]
+    b = json.loads(open(f"{config.out_dir}/tokenizer.json").read())["model"]["vocab"]
+    assert a == b
+
+
 def test_existing_checkpoint_is_replaced_whole(tmp_path):
     (tmp_path / "t.txt").write_text(TEXT * 8, encoding="utf-8")
     out = tmp_path / "ckpt"
@@ -138,6 +151,7 @@ def test_empty_file_is_a_data_error(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(DataError, match="empty.txt is empty"):
         train(tiny_config(tmp_path, [tmp_path / "empty.txt"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # nothing written
 
 
 def test_binary_file_is_a_data_error(tmp_path):

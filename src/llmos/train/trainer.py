@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import DataError, InvalidRequestError
 from llmos.model.config import ModelConfig
@@ -210,14 +212,17 @@ def train(c: TrainConfig) -> dict:
     `InvalidRequestError` (bad hyperparameters).
     """
     c.validate()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(c.num_threads or os.cpu_count() or 1)
+    try:
+        return _train(c)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(c: TrainConfig) -> dict:
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
-    torch.set_num_threads(c.num_threads or os.cpu_count() or 1)
-    out_dir = Path(c.out_dir)
-    work = out_dir.parent / f".{out_dir.name}.training"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "train_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     progress, task = _progress_bar(c.progress, c.total_steps)
     say = progress.console.print if c.progress else (lambda *args, **kwargs: None)
 
@@ -225,11 +230,11 @@ def train(c: TrainConfig) -> dict:
     docs = read_documents(c.data)
     special_tokens = list(DEFAULT_SPECIAL_TOKENS)
     if c.tokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
         tok = HFTokenizer.from_file(str(Path(c.tokenizer) / "tokenizer.json"))
-        cfg = json.loads((Path(c.tokenizer) / "tokenizer_config.json").read_text())
-        special_tokens = [cfg.get("eos_token", special_tokens[0])]
+        eos = json.loads((Path(c.tokenizer) / "tokenizer_config.json").read_text()).get("eos_token")
+        special_tokens = [(eos.get("content") if isinstance(eos, dict) else eos) or special_tokens[0]]
+        if tok.token_to_id(special_tokens[0]) is None:
+            raise DataError(f"--tokenizer {c.tokenizer} has no {special_tokens[0]!r} token to separate documents.")
     else:
         tok = train_tokenizer_from_texts(docs, c.vocab_size, special_tokens)
     eot_id = tok.token_to_id(special_tokens[0])
@@ -253,10 +258,15 @@ def train(c: TrainConfig) -> dict:
         f"= {total_steps * c.tokens_per_step:,} tokens")
 
     # ---- the loop -----------------------------------------------------------------------------
+    out_dir = Path(c.out_dir)
+    work = out_dir.parent / f".{out_dir.name}.training"  # logs while running; kept if the run dies
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "train_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     metrics = (work / "metrics.jsonl").open("w")
     t0 = time.perf_counter()
     tokens_seen = 0
-    val_loss = float("nan")
+    val_loss = None
     train_loss = float("nan")
     with progress:
         for step in range(total_steps):
@@ -302,7 +312,7 @@ def train(c: TrainConfig) -> dict:
     # ---- checkpoint ---------------------------------------------------------------------------
     summary = {"steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
                "train_loss": train_loss, "val_loss": val_loss,
-               "val_perplexity": math.exp(val_loss) if val_loss == val_loss else None,
+               "val_perplexity": None if val_loss is None else math.exp(val_loss),
                "parameters": num_params, "vocab_size": tok.get_vocab_size(),
                "data_tokens": int(len(tokens)), "train_tokens": int(len(split.train)),
                "val_tokens": int(len(split.val))}
@@ -320,8 +330,6 @@ def train(c: TrainConfig) -> dict:
 
 
 def _progress_bar(enabled: bool, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
