@@ -47,6 +47,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         segments, sample_rows, sampling = [], [], []
+        decode_tables, decode_lens = [], []
         for p, n in batch.items:
             start, row = p.num_computed_tokens, len(ids)
             table = self.block_manager.block_table(p.pid)[: -(-(start + n) // bs)]
@@ -54,6 +55,9 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             if n == 1:  # decode: one slot, no tensor arithmetic
                 slots.append(table[start // bs] * bs + start % bs)
+                if start > 0 and len(decode_tables) == len(segments):  # decodes come first in the batch
+                    decode_tables.append(table)
+                    decode_lens.append(start + 1)
             else:
                 pos = torch.arange(start, start + n)
                 slots.extend((torch.tensor(table)[pos // bs] * bs + pos % bs).tolist())
@@ -62,6 +66,8 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sampling.append(p)
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), segments)
+        if dev.type == "cpu":
+            meta.with_decode_tables(decode_tables, decode_lens)
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
                 meta, sample_rows, sampling)
 

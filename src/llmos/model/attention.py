@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmos.model import native
+
 
 @dataclass
 class Segment:
@@ -33,10 +35,25 @@ class AttentionMetadata:
 
     - `slot_mapping`: `[N]` int64, `block_id * block_size + offset` where each row's K/V is written.
     - `segments`: one `Segment` per sequence in the batch, in row order.
+    - `num_decode`: the first `num_decode` segments are decode rows (one token each, rows 0..num_decode-1);
+      `decode_tables` `[num_decode, max_blocks]` int64 (padded with 0) and `decode_lens` `[num_decode]`
+      int64 describe them for the native kernel, built once per step by `with_decode_tables`.
     """
 
     slot_mapping: torch.Tensor
     segments: list[Segment] = field(default_factory=list)
+    num_decode: int = 0
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+
+    def with_decode_tables(self, tables: list[list[int]], lens: list[int]) -> AttentionMetadata:
+        """Record the decode rows' block tables, padded into one tensor, for the native decode kernel."""
+        if tables:
+            width = max(len(t) for t in tables)
+            self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+            self.decode_lens = torch.tensor(lens, dtype=torch.int64)
+            self.num_decode = len(tables)
+        return self
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -58,13 +75,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
     keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was
     5x slower on CPU (measured, see docs/benchmarks.md). A chunk with nothing cached before it
-    attends over its own new rows and reads no cache at all.
+    attends over its own new rows and reads no cache at all. On the CPU in float32, decode rows
+    instead go to the native kernel (`llmos.model.native`), which reads the blocks in place.
     """
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     kv_shape = k_cache.shape[2:]
-    for seg in meta.segments:
+    segments = meta.segments
+    if meta.num_decode and meta.decode_tables is not None and native.supports(q, k_cache):
+        d = meta.num_decode
+        out[:d] = native.paged_decode_attention(q[:d], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale)
+        segments = segments[d:]
+    for seg in segments:
         rows = slice(seg.start, seg.start + seg.length)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, head_dim]
         if seg.context_len == seg.length:  # nothing cached before this chunk: attend over the new rows

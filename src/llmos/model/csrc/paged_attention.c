@@ -1,0 +1,74 @@
+/* Paged decode attention for the CPU: one query token per sequence attends over its cached K/V,
+ * read in place through the block table (no gather copy). Two passes per (sequence, head):
+ * scores and their max, then exp-weighted sum of V. Parallel over (sequence, head) with OpenMP.
+ * Same math as softmax(q k^T * scale) v; the kernel layout follows vLLM's paged attention
+ * (Kwon et al., "Efficient Memory Management for Large Language Model Serving with PagedAttention", SOSP 2023).
+ *
+ * q: [S, H, D] float32; k_cache, v_cache: [num_blocks, block_size, KVH, D] float32;
+ * block_tables: [S, max_blocks] int64; context_lens: [S] int64; out: [S, H, D] float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* One work item: sequence s, kv heads [g0, g1). For each cached token the item reads one contiguous
+ * slice of the K (then V) row covering all its heads, so the reads stream. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t ctx,
+                   float *out, int64_t g0, int64_t g1, int64_t group, int64_t head_dim, int64_t token_stride,
+                   int64_t block_size, float scale) {
+    const int64_t nh = (g1 - g0) * group;   /* query heads in this item */
+    const float *qs = q + g0 * group * head_dim;
+    float *os = out + g0 * group * head_dim;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(ctx * nh));  /* [ctx, nh] */
+    float *max_score = (float *)malloc(sizeof(float) * (size_t)nh);
+    float *sum = (float *)malloc(sizeof(float) * (size_t)nh);
+    for (int64_t h = 0; h < nh; h++) { max_score[h] = -INFINITY; sum[h] = 0.0f; }
+    for (int64_t t = 0; t < ctx; t++) {
+        const float *row = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
+                           + g0 * head_dim;
+        for (int64_t h = 0; h < nh; h++) {
+            const float *kp = row + (h / group) * head_dim, *qh = qs + h * head_dim;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kp[d];
+            dot *= scale;
+            scores[t * nh + h] = dot;
+            if (dot > max_score[h]) max_score[h] = dot;
+        }
+    }
+    for (int64_t i = 0; i < nh * head_dim; i++) os[i] = 0.0f;
+    for (int64_t t = 0; t < ctx; t++) {
+        const float *row = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
+                           + g0 * head_dim;
+        for (int64_t h = 0; h < nh; h++) {
+            const float p = expf(scores[t * nh + h] - max_score[h]);
+            const float *vp = row + (h / group) * head_dim;
+            float *o = os + h * head_dim;
+            sum[h] += p;
+            for (int64_t d = 0; d < head_dim; d++) o[d] += p * vp[d];
+        }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        const float inv = 1.0f / sum[h];
+        for (int64_t d = 0; d < head_dim; d++) os[h * head_dim + d] *= inv;
+    }
+    free(scores); free(max_score); free(sum);
+}
+
+void paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                            const int64_t *block_tables, const int64_t *context_lens, float *out,
+                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    /* Enough items to keep every thread busy: whole sequences when there are many, else split heads. */
+    int64_t splits = num_seqs >= 2 * num_threads ? 1 : (2 * num_threads + num_seqs - 1) / num_seqs;
+    if (splits > num_kv_heads) splits = num_kv_heads;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
+    for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t i = 0; i < splits; i++) {
+            const int64_t g0 = num_kv_heads * i / splits, g1 = num_kv_heads * (i + 1) / splits;
+            attend(q + s * num_heads * head_dim, k_cache, v_cache, block_tables + s * max_blocks, context_lens[s],
+                   out + s * num_heads * head_dim, g0, g1, group, head_dim, num_kv_heads * head_dim, block_size,
+                   scale);
+        }
+    }
+}

@@ -1,0 +1,78 @@
+"""Optional native CPU kernels, compiled from `csrc/` with the system C compiler on first use.
+
+Owns building, caching (under LLMOS_HOME/cache, default ~/.llmos/cache) and loading the shared
+library through ctypes. Never required: with no compiler, or off the CPU, callers use the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos")) / "cache" / "native"
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built here (no compiler, LLMOS_NATIVE=0)."""
+    if os.environ.get("LLMOS_NATIVE", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + " ".join(FLAGS).encode() + cc.encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"paged_attention-{digest}.so"
+    if not lib.is_file():
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+            os.close(fd)
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, lib)  # atomic: a concurrent or crashed build never leaves half a library
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        handle = ctypes.CDLL(str(lib))
+    except OSError:
+        return None
+    f = handle.paged_decode_attention
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    return handle
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the native decode kernel can run on these tensors (CPU, float32, head_dim <= 256)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and k_cache.is_contiguous() and library() is not None)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention over the paged cache, read in place.
+
+    `q` `[S, heads, head_dim]`; caches `[num_blocks, block_size, kv_heads, head_dim]`;
+    `block_tables` `[S, max_blocks]` int64; `context_lens` `[S]` int64. Returns `[S, heads, head_dim]`.
+    """
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    S, H, D = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    library().paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+        out.data_ptr(), S, H, kvh, D, bs, block_tables.shape[1], scale, torch.get_num_threads())
+    return out
