@@ -112,8 +112,9 @@ def test_kvpool_shapes_and_bytes():
     assert len(pool.kv_caches) == 3
     for k, v in pool.kv_caches:
         assert k.shape == v.shape == (5, 4, 2, 8)
-        assert k.dtype == torch.float16 and not k.any() and not v.any()
+        assert k.dtype == torch.float16 and k.is_contiguous() and v.is_contiguous()
         assert k.data_ptr() != v.data_ptr()
+    assert len({t.data_ptr() for kv in pool.kv_caches for t in kv}) == 6  # no two caches alias
     per_block = KVPool.bytes_per_block(3, 2, 8, 4, torch.float16)
     assert per_block == 2 * 3 * 4 * 2 * 8 * 2
     assert pool.nbytes == 5 * per_block

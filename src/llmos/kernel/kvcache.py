@@ -113,7 +113,9 @@ class BlockManager:
 
 class KVPool:
     """The preallocated KV cache: `kv_caches[layer] = (k, v)`, each
-    `[num_blocks, block_size, num_kv_heads, head_dim]`, zero-initialized.
+    `[num_blocks, block_size, num_kv_heads, head_dim]`, left uninitialized: attention reads only
+    positions written before (a slot is written before any query attends to it), so on the CPU a
+    block costs resident memory only once a process first uses it.
     Block b of every layer belongs to whoever the BlockManager gave block b."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
@@ -122,7 +124,7 @@ class KVPool:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(num_layers)]
 
     @staticmethod
