@@ -140,6 +140,11 @@ def test_run_rejects_bad_parameters(tiny_model_dir, args, words):
     assert_user_error(llmos("run", PROMPT, "-m", tiny_model_dir, *args), *words)
 
 
+def test_run_rejects_an_out_of_range_seed_as_a_usage_error(tiny_model_dir):
+    result = llmos("run", PROMPT, "-m", tiny_model_dir, "--seed", str(2**64))
+    assert result.exit_code == 2 and "--seed" in result.stderr and "Traceback" not in result.output
+
+
 def test_run_rejects_bad_prompts(tiny_model_dir, tmp_path):
     model = ["-m", tiny_model_dir]
     assert_user_error(llmos("run", *model), "no prompt given", "--prompt-file")

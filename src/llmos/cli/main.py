@@ -76,7 +76,8 @@ class LazyCommand(click.Command):
 LAZY_COMMANDS = [
     ("train", "llmos.cli.train_cmd", "train_command",
      "Train a tokenizer and a small Llama-family model on text; write a Hugging Face checkpoint."),
-    ("bench", "llmos.cli.bench_cmd", "bench_command", "Benchmark llmos against a named peer and print a table."),
+    ("bench", "llmos.cli.bench_cmd", "bench_command",
+     "Benchmark serving throughput and latency: the llmos kernel against transformers."),
 ]
 
 
@@ -144,7 +145,8 @@ MinP = Annotated[float, typer.Option(
 RepetitionPenalty = Annotated[float, typer.Option(
     "--repetition-penalty", help="Above 1 discourages repeated tokens; 1 is off.", rich_help_panel=SAMPLING)]
 Seed = Annotated[Optional[int], typer.Option(
-    "--seed", help="Make the random draws reproducible.", show_default=False, rich_help_panel=SAMPLING)]
+    "--seed", help="Make the random draws reproducible.", min=0, max=2**64 - 1, show_default=False,
+    rich_help_panel=SAMPLING)]
 Stop = Annotated[Optional[list[str]], typer.Option(
     "--stop", help="End the output at this text (repeatable).", show_default=False, rich_help_panel=SAMPLING)]
 IgnoreEos = Annotated[bool, typer.Option(
