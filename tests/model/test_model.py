@@ -1,6 +1,7 @@
 """llmos.model against transformers: prefill logits, paged decode step by step, greedy generations, round trips."""
 
 import json
+import os
 import random
 
 import pytest
@@ -225,3 +226,15 @@ def test_num_parameters_matches_module():
         config = ModelConfig.from_hf(hf_cfg.to_dict())
         model = build_model(config)
         assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_saved_checkpoint_is_readable_by_others(tmp_path):
+    config = ModelConfig(model_type="llama", vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=48, max_position_embeddings=64)
+    old = os.umask(0o022)
+    try:
+        path = save_model(build_model(config), config, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert {f.stat().st_mode & 0o777 for f in path.iterdir()} == {0o644}

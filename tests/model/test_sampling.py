@@ -207,3 +207,12 @@ def test_find_stop_examples():
 def test_find_stop_matches_brute_force(text, stops, start):
     hits = [i for i in range(len(text)) for s in stops if text.startswith(s, i) and i + len(s) - 1 >= start]
     assert find_stop(text, stops, start) == (min(hits) if hits else -1)
+
+
+def test_seed_outside_torch_range_is_refused():
+    import pytest as _pytest
+    from llmos.errors import InvalidRequestError as _E
+    from llmos.model.sampling import SamplingParams as _P
+    with _pytest.raises(_E, match="seed"):
+        _P(seed=2**64).validate()
+    _P(seed=2**64 - 1).validate()

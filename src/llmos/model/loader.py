@@ -169,6 +169,7 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | Path, dtype: to
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        _make_readable(tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,6 +198,16 @@ def _write_tensors(d: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: i
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     (d / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _make_readable(d: Path) -> None:
+    """Give the checkpoint ordinary permissions (mkdtemp makes 0700): 0777/0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(d, 0o777 & ~umask)
+    for f in d.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -65,8 +65,8 @@ class SamplingParams:
         _check("repetition_penalty", self.repetition_penalty,
                _is_finite(self.repetition_penalty) and self.repetition_penalty > 0,
                "a finite number > 0 (1 = off)", "use e.g. 1.1, or 1.0 to disable it")
-        _check("seed", self.seed, self.seed is None or _is_int(self.seed),
-               "an integer or None", "pass a whole number such as 1234, or leave it out")
+        _check("seed", self.seed, self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+               "an integer in [-2**63, 2**64) or None", "pass a whole number such as 1234, or leave it out")
         _check("stop", self.stop, isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
                "a tuple of non-empty strings", "e.g. stop=('\\n\\n',), without empty entries")
         _check("stop_token_ids", self.stop_token_ids,
