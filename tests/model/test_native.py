@@ -31,3 +31,12 @@ def test_native_decode_matches_torch_path(heads, kv_heads, head_dim, block_size)
     meta = AttentionMetadata(slots, segments).with_decode_tables(tables, lens)
     got = paged_attention(q, k, v, kc, vc, meta, scale)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler on this machine: the torch path is used")
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+def test_linear_small_m_matches_torch(rows):
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 96), torch.randn(200, 96), torch.randn(200)
+    torch.testing.assert_close(native.linear_small_m(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.linear_small_m(x[None], w, None), (x @ w.t())[None], atol=1e-4, rtol=1e-5)

@@ -71,7 +71,7 @@ def _hf_to_llmos(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
             if not key.startswith(("transformer.", "lm_head.")):
                 key = "transformer." + key
             if key.endswith(GPT2_CONV1D):
-                t = t.t()
+                t = t.t().contiguous()
         out[key] = t
     return out
 

@@ -52,6 +52,9 @@ def library() -> ctypes.CDLL | None:
     f = handle.paged_decode_attention
     f.restype = None
     f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    g = handle.linear_small_m
+    g.restype = None
+    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return handle
 
 
@@ -76,3 +79,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), S, H, kvh, D, bs, block_tables.shape[1], scale, torch.get_num_threads())
     return out
+
+
+SMALL_M = 16  # rows up to which linear_small_m beats BLAS sgemm on the CPU (1.4-3x, measured at hidden 768)
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` for `x` `[..., in]` with at most `SMALL_M` rows, float32 CPU, no autograd.
+
+    `weight` `[out, in]` contiguous. Returns `[..., out]`.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype)
+    library().linear_small_m(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                             x2.shape[0], x2.shape[1], weight.shape[0], torch.get_num_threads())
+    return y.view(*x.shape[:-1], weight.shape[0])

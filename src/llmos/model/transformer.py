@@ -10,10 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmos.model import native
 from llmos.model.attention import AttentionMetadata, paged_attention
 from llmos.model.config import ModelConfig, rope_inv_freq
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that sends decode-sized inputs (at most `native.SMALL_M` rows, float32 CPU, no autograd)
+    to the native one-pass kernel, which runs at memory bandwidth where BLAS does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and x.numel() <= native.SMALL_M * x.shape[-1]
+                and self.weight.is_contiguous() and native.library() is not None):
+            return native.linear_small_m(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +58,10 @@ class LlamaAttention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
         self.scale = c.head_dim ** -0.5
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -77,9 +90,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -127,7 +140,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = c
         self.model = LlamaBackbone(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", torch.tensor(rope_inv_freq(c), dtype=torch.float32), persistent=False)
@@ -161,8 +174,8 @@ class GPT2Attention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)
-        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.c_attn = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.c_proj = Linear(c.hidden_size, c.hidden_size)
         self.scale = c.head_dim ** -0.5
 
     def qkv(self, x):
@@ -184,8 +197,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.c_fc = Linear(c.hidden_size, c.intermediate_size)
+        self.c_proj = Linear(c.intermediate_size, c.hidden_size)
         self.approximate = "none" if c.hidden_act == "gelu" else "tanh"
 
     def forward(self, x):
@@ -220,7 +233,7 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__()
         self.config = c
         self.transformer = GPT2Backbone(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

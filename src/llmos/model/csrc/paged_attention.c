@@ -72,3 +72,31 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
         }
     }
 }
+
+/* y[M, N] = x[M, K] W[N, K]^T (+ bias[N]) for small M (decode batches): one pass over W, whose rows are
+ * reused from L1 for all M inputs, so the product runs at memory bandwidth where BLAS sgemm with a few
+ * rows does not (measured 1.5-2x slower at M = 4 on a 2-core EPYC). Parallel over output features. */
+void linear_small_m(const float *x, const float *w, const float *bias, float *y, int64_t m, int64_t k, int64_t n,
+                    int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t j = 0; j < n; j++) {
+        const float *wj = w + j * k;
+        const float b = bias ? bias[j] : 0.0f;
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) {  /* four independent dot products: four FMA chains in flight */
+            const float *x0 = x + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+            for (int64_t d = 0; d < k; d++) {
+                const float wd = wj[d];
+                a0 += x0[d] * wd; a1 += x1[d] * wd; a2 += x2[d] * wd; a3 += x3[d] * wd;
+            }
+            y[i * n + j] = a0 + b; y[(i + 1) * n + j] = a1 + b; y[(i + 2) * n + j] = a2 + b; y[(i + 3) * n + j] = a3 + b;
+        }
+        for (; i < m; i++) {
+            const float *xi = x + i * k;
+            float acc = 0.0f;
+            for (int64_t d = 0; d < k; d++) acc += xi[d] * wj[d];
+            y[i * n + j] = acc + b;
+        }
+    }
+}
