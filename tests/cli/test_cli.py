@@ -118,8 +118,7 @@ def test_run_seed_makes_sampling_reproducible(tiny_model_dir):
 
 
 def test_run_without_model_uses_the_bundled_default():
-    if not (default_model_dir() / "config.json").is_file():
-        pytest.skip(f"the bundled default model is not built yet ({default_model_dir()})")
+    assert (default_model_dir() / "config.json").is_file(), "the bundled default model must ship with llmos"
     result = llmos("run", "Once upon a time", "--max-tokens", "8", "--temperature", "0")
     assert result.exit_code == 0, result.output
     assert "8 output tokens" in result.stderr or "finish: stop" in result.stderr
