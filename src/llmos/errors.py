@@ -31,3 +31,7 @@ class OutOfBlocksError(LlmosError):
 
 class DataError(LlmosError):
     """Training data is missing, empty, binary or malformed."""
+
+
+class TrainingDivergedError(LlmosError):
+    """The training loss became NaN or infinite; nothing was saved."""

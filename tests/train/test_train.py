@@ -137,6 +137,7 @@ def test_existing_checkpoint_is_replaced_whole(tmp_path):
     (tmp_path / "t.txt").write_text(TEXT * 8, encoding="utf-8")
     out = tmp_path / "ckpt"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an older checkpoint: replacing it whole is the contract
     (out / "stale.txt").write_text("from an older run")
     train(tiny_config(tmp_path, [tmp_path / "t.txt"], max_steps=2, eval_interval=2, save_dtype="bfloat16"))
     assert not (out / "stale.txt").exists()
@@ -264,3 +265,44 @@ def test_cli_trains_and_reports_bad_input(tmp_path):
     assert saved["data"] == [str(tmp_path / "t.txt")] * 2 and saved["seed"] == 3 and saved["num_layers"] == 1
     result = CliRunner().invoke(app, args + ["--vocab-size", "10"])
     assert isinstance(result.exception, DataError)
+
+
+# ---- the checkpoint target is never a directory of other files (found by a fresh-user review) --------------
+
+
+@pytest.mark.parametrize("make_target", [
+    lambda tmp: tmp / "notes",                 # a directory of someone's files
+    lambda tmp: tmp / "file.txt",              # a file
+    lambda tmp: tmp,                           # the current directory
+    lambda tmp: tmp.parent,                    # a parent of the current directory
+])
+def test_out_that_is_not_a_checkpoint_is_refused_before_training(tmp_path, monkeypatch, make_target):
+    from llmos.errors import ModelLoadError
+    from llmos.train.trainer import TrainConfig, train
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.doc").write_text("precious")
+    (tmp_path / "file.txt").write_text("precious")
+    (tmp_path / "data.txt").write_text("In the beginning God created the heaven and the earth. " * 50)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ModelLoadError, match="refusing|not a directory|not a model checkpoint"):
+        train(TrainConfig(data=[str(tmp_path / "data.txt")], out_dir=str(make_target(tmp_path)), vocab_size=300,
+                          hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                          seq_len=16, batch_size=2, max_steps=2, progress=False))
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes" / "thesis.doc").read_text() == "precious"
+
+
+def test_diverged_run_saves_nothing_and_keeps_the_old_checkpoint(tmp_path):
+    from llmos.errors import TrainingDivergedError
+    from llmos.train.trainer import TrainConfig, train
+    (tmp_path / "data.txt").write_text("In the beginning God created the heaven and the earth. " * 50)
+    base = dict(data=[str(tmp_path / "data.txt")], out_dir=str(tmp_path / "m"), vocab_size=300, hidden_size=32,
+                num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seq_len=16, batch_size=2,
+                max_steps=3, progress=False)
+    train(TrainConfig(**base))
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        train(TrainConfig(**{**base, "lr": 1e30, "min_lr": 0.0, "grad_clip": 0.0, "max_steps": 30}))
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "m"]

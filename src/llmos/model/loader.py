@@ -152,7 +152,7 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | Path, dtype: to
     directory beside `path`, then swaps it into place, so a crash never leaves a partial checkpoint
     where a good one was.
     """
-    path = Path(path)
+    path = check_checkpoint_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -174,6 +174,29 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | Path, dtype: to
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def check_checkpoint_target(path: str | Path) -> Path:
+    """Where a checkpoint may be written, as an absolute path; raises `ModelLoadError` otherwise.
+
+    A new path, an empty directory, or an existing checkpoint (a directory with config.json, which the
+    save replaces whole) are fine. Anything else is refused, so a save can never replace a directory
+    of other files: the file system root, the home directory, the current directory or one of its
+    parents, a file, or a non-empty directory without config.json.
+    """
+    path = Path(path).expanduser().absolute()
+    cwd = Path.cwd().absolute()
+    fix = "choose a new directory (e.g. --out my-model)"
+    if path.name in ("", ".", "..") or path == Path.home().absolute() or cwd == path or path in cwd.parents:
+        raise ModelLoadError(f"refusing to write a checkpoint over {path}: it would replace a directory you are "
+                             f"using; {fix}.")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} exists and is not a directory; {fix}.")
+        if any(path.iterdir()) and not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a non-empty directory that is not a model checkpoint (it has no "
+                                 f"config.json), so llmos will not replace it; {fix}.")
     return path
 
 

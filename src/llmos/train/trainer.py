@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer as HFTokenizer
 
-from llmos.errors import DataError, InvalidRequestError
+from llmos.errors import DataError, InvalidRequestError, TrainingDivergedError
 from llmos.model.config import ModelConfig
-from llmos.model.loader import save_model
+from llmos.model.loader import check_checkpoint_target, save_model
 from llmos.model.transformer import build_model
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.data import get_batch, pack_documents, read_documents, split_train_val
@@ -97,6 +97,9 @@ class TrainConfig:
             bad(f"--heads ({self.num_heads}) must be a multiple of --kv-heads ({self.num_kv_heads}).")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad(f"--max-tokens must be positive, got {self.max_tokens}.")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "val_fraction"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                bad(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)!r}.")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             bad(f"need --lr > 0 and 0 <= --min-lr <= --lr; got lr {self.lr}, min_lr {self.min_lr}.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -205,17 +208,23 @@ def train(c: TrainConfig) -> dict:
     tokenizer_config.json, special_tokens_map.json, train_config.json, metrics.jsonl and (with
     matplotlib) loss.png. It is assembled in a temporary directory and swapped into place, so an
     existing good checkpoint is never left half-overwritten. While running, logs go to
-    `.<out_dir name>.training/` beside it (removed on success).
+    `.<out_dir name>.training/` beside it (removed when the run ends, however it ends).
 
     Returns a summary dict (steps, tokens, seconds, final train/val loss, val perplexity, parameters).
-    Raises `DataError` (unreadable/empty/binary data, too-small vocabulary, too little text) and
-    `InvalidRequestError` (bad hyperparameters).
+    Raises `DataError` (unreadable/empty/binary data, too-small vocabulary, too little text),
+    `InvalidRequestError` (bad hyperparameters), `ModelLoadError` (an `out_dir` that is not a new path,
+    an empty directory or a previous checkpoint: see `check_checkpoint_target`) and
+    `TrainingDivergedError` (a non-finite loss; nothing is saved).
     """
     c.validate()
+    out_dir = check_checkpoint_target(c.out_dir)  # fail before any work, not after it
     threads_before = torch.get_num_threads()
     torch.set_num_threads(c.num_threads or os.cpu_count() or 1)
     try:
         return _train(c)
+    except BaseException:  # Ctrl-C, divergence, a full disk: the logs go, the old checkpoint stays intact
+        shutil.rmtree(out_dir.parent / f".{out_dir.name}.training", ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads_before)
 
@@ -258,8 +267,8 @@ def _train(c: TrainConfig) -> dict:
         f"= {total_steps * c.tokens_per_step:,} tokens")
 
     # ---- the loop -----------------------------------------------------------------------------
-    out_dir = Path(c.out_dir)
-    work = out_dir.parent / f".{out_dir.name}.training"  # logs while running; kept if the run dies
+    out_dir = check_checkpoint_target(c.out_dir)
+    work = out_dir.parent / f".{out_dir.name}.training"  # logs while running; removed when the run ends
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "train_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
@@ -288,6 +297,11 @@ def _train(c: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             train_loss = loss_sum / c.grad_accum
+            if not math.isfinite(train_loss):
+                metrics.close()
+                raise TrainingDivergedError(
+                    f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing was saved ("
+                    f"{out_dir} is unchanged); lower --lr (now {c.lr}) or keep --grad-clip on, and run again.")
             tokens_seen += c.tokens_per_step
             elapsed = time.perf_counter() - t0
             tokens_per_s = tokens_seen / elapsed
