@@ -180,3 +180,18 @@ def test_request_that_can_never_fit(tiny_model_dir):
     k = Kernel(tiny_model_dir, KernelConfig(kv_memory=pool_bytes(4, 16)))
     with pytest.raises(OutOfBlocksError, match="KV blocks"):
         syscalls.spawn(k, "hello", SamplingParams(max_tokens=200))
+
+
+@pytest.mark.parametrize("name", ["hpu", "meta", "mps", "privateuseone", "cpu:1", "opengl", "cuda:x", ""])
+def test_unsupported_devices_are_refused(name):
+    from llmos.kernel.kernel import resolve_device
+    with pytest.raises(InvalidRequestError, match="device"):
+        resolve_device(name)
+
+
+def test_cuda_is_refused_where_absent_and_cpu_accepted():
+    from llmos.kernel.kernel import resolve_device
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="not available"):
+            resolve_device("cuda")

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.errors import LlmosError
+from llmos.errors import InvalidRequestError, LlmosError
 
 
 def bench_command(
@@ -40,6 +40,8 @@ def bench_command(
         "--max-batched-tokens", help="llmos per-step token budget; default: the kernel's.")] = None,
 ) -> None:
     """Benchmark serving throughput and latency: llmos's kernel against transformers' generate modes."""
+    if out.exists() and not out.is_dir():
+        raise InvalidRequestError(f"--out {out} exists and is not a directory; give a directory for the results.")
     from llmos.bench.serving import BenchConfig, run_benchmark
 
     config = BenchConfig(models=model, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),

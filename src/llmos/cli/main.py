@@ -169,18 +169,12 @@ def sampling_params(**fields: Any) -> SamplingParams:
 
 def start_kernel(model: str | None, kv_memory: str, device: str | None) -> Kernel:
     """Resolve `model`, check the device and KV budget, and load an in-process kernel for one process."""
-    import torch
 
-    from llmos.kernel.kernel import Kernel, KernelConfig
+    from llmos.kernel.kernel import Kernel, KernelConfig, resolve_device
     from llmos.kernel.kvcache import parse_memory_budget
 
     model_dir = fs.resolve_model(model)
-    if device is not None:
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError, ValueError) as e:
-            raise InvalidRequestError(f"device {device!r} is not usable here ({e}); use cpu, cuda or cuda:N.") from None
-    parse_memory_budget(kv_memory, device or "cpu")  # fail on a bad budget before loading the weights
+    parse_memory_budget(kv_memory, resolve_device(device))  # fail on a bad budget before loading the weights
     with err.status(f"loading {model_dir.name}", spinner="dots"):
         return Kernel(model_dir, KernelConfig(kv_memory=kv_memory, device=device, max_num_seqs=1))
 
@@ -494,9 +488,17 @@ def human_count(n: int) -> str:
 def main() -> None:
     """The `llmos` console script."""
     try:
+        if sys.stdout is None:  # started with stdout closed (`llmos run ... >&-`)
+            sys.stderr.write("error: standard output is closed; llmos writes its results there.\n")
+            sys.exit(2)
         app()
     except KeyboardInterrupt:  # Ctrl-C outside a command (e.g. while parsing)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `llmos run ... | head`: the reader is gone, which is not an error
+        sys.exit(0)
+    except OSError as e:  # the operating system refused a read or write (a full disk, a closed terminal)
+        sys.stderr.write(f"error: {e.strerror or e}: {e.filename or 'standard output'}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

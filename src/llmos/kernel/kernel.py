@@ -8,6 +8,7 @@ Never parses user-facing input formats (that is the front ends' job) and never s
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections import deque
@@ -60,6 +61,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` as a torch device (None: cuda when available, else cpu).
+
+    Raises `InvalidRequestError` for any other name, or for CUDA on a machine without it.
+    """
+    if name is None:
+        return default_device()
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name.strip())
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise InvalidRequestError(f"device {name!r} is not supported; use cpu, cuda or cuda:N.")
+    if m.group(1) == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(m.group(2) or 0)
+        if index >= count:
+            raise InvalidRequestError(f"device {name!r} is not available here ({count} CUDA device(s)); "
+                                      "use cpu, or a CUDA device this machine has.")
+    return torch.device(name.strip())
+
+
 class Kernel:
     """One model, one KV pool, many processes.
 
@@ -71,7 +91,7 @@ class Kernel:
         self.config = config = config or KernelConfig()
         self.model_dir = Path(model_dir)
         self.model_name = self.model_dir.name
-        self.device = torch.device(config.device) if config.device else default_device()
+        self.device = resolve_device(config.device)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.model, self.model_config = load_model(model_dir, self.device, dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -98,7 +118,8 @@ class Kernel:
         num_blocks = min(KVPool.num_blocks_for_budget(budget, per_block), c.max_num_seqs * blocks_per_seq)
         if num_blocks < 1:
             raise InvalidRequestError(f"KV memory budget {c.kv_memory!r} ({budget} bytes) holds no block of "
-                                      f"{per_block} bytes; give at least {per_block} bytes (e.g. --kv-memory 1GiB).")
+                                      f"{per_block} bytes; give a size such as 1GiB or a fraction of free memory "
+                                      "such as 0.25 (a bare integer counts bytes).")
         return KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype, self.device)
 
     # ---- system calls (see syscalls.py for the public wrappers) ------------------------------

@@ -183,7 +183,8 @@ class ModelConfig:
         """Read `path/config.json`. Raises `ModelLoadError` if missing or not valid JSON."""
         f = Path(path) / "config.json"
         if not f.is_file():
-            raise ModelLoadError(f"{path} has no config.json; point --model at a Hugging Face checkpoint directory.")
+            raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face checkpoint directory; "
+                                 "use the directory that holds config.json and the safetensors weights.")
         try:
             d = json.loads(f.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

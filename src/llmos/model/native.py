@@ -22,7 +22,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos")) / "cache" / "native"
+    return Path(os.environ.get("LLMOS_HOME") or "~/.llmos").expanduser() / "cache" / "native"
 
 
 @lru_cache(maxsize=1)

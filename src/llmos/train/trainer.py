@@ -86,9 +86,11 @@ class TrainConfig:
 
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                     "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval")
+        flags = {"num_layers": "--layers", "num_heads": "--heads", "num_kv_heads": "--kv-heads"}
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}.")
+                flag = flags.get(name, "--" + name.replace("_", "-"))
+                bad(f"{flag} must be a positive integer, got {getattr(self, name)!r}.")
         if self.hidden_size % self.num_heads:
             bad(f"--hidden-size ({self.hidden_size}) must be a multiple of --heads ({self.num_heads}).")
         if (self.hidden_size // self.num_heads) % 2:
