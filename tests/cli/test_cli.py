@@ -359,3 +359,24 @@ def test_ctrl_c_exits_130_quietly(tiny_model_dir):
         chat.kill()
     assert chat.returncode == 130, stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr and stdout == ""
+
+
+def test_ctrl_c_during_a_chat_reply_stops_the_reply_not_the_chat(tiny_model_dir, monkeypatch, capsys):
+    kernel = Kernel(tiny_model_dir, KernelConfig(kv_memory="16MiB"))
+    session = cli.ChatSession(kernel, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), None)
+    real_stream = syscalls.stream
+
+    def interrupted(kernel, pid, owner="local"):
+        it = real_stream(kernel, pid, owner)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(syscalls, "stream", interrupted)
+    cli.chat_turn(session, "hello")
+    assert "interrupted" in capsys.readouterr().err
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert kernel.block_manager.num_used_blocks == 0  # the reply's process was killed, its blocks freed
+    assert all(p.is_finished for p in kernel.processes.values())
+    monkeypatch.setattr(syscalls, "stream", real_stream)
+    cli.chat_turn(session, "and again")  # the chat goes on
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]

@@ -94,6 +94,10 @@ def summarize_decode(raw: dict) -> dict:
             d["llmos_fraction_of_roofline"] = d["llmos_tok_s"] / d["roofline_tok_s"]
             if "hf_tok_s" in d:
                 d["hf_fraction_of_roofline"] = d["hf_tok_s"] / d["roofline_tok_s"]
+            if "read_bytes_per_s" in bw:
+                d["read_bandwidth_bytes_per_s"] = bw["read_bytes_per_s"]
+                d["read_roofline_tok_s"] = bw["read_bytes_per_s"] / d["weight_bytes"]
+                d["llmos_fraction_of_read_roofline"] = d["llmos_tok_s"] / d["read_roofline_tok_s"]
     return d
 
 
@@ -159,10 +163,15 @@ def decode_line(model: dict, convention: bool = True) -> str:
         parts.append(", ".join(rates) + ratio + ".")
     if "roofline_tok_s" in d:
         how = f" ({d['weight_convention']})" if convention else ""
-        parts.append(f"Copy bandwidth {d['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; {d['weight_bytes'] / 1e6:.1f} MB "
+        parts.append(f"Copy bandwidth {d['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (bytes read + written); "
+                     f"{d['weight_bytes'] / 1e6:.1f} MB "
                      f"of weights read per token{how} -> roofline {d['roofline_tok_s']:.1f} "
                      f"tokens/s; llmos at {d['llmos_fraction_of_roofline']:.0%} of it"
                      + (f", transformers at {d['hf_fraction_of_roofline']:.0%}." if "hf_tok_s" in d else "."))
+        if "read_roofline_tok_s" in d:
+            parts.append(f"Against read bandwidth alone ({d['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, a sum over "
+                         f"the tensor), the stricter roofline is {d['read_roofline_tok_s']:.1f} tokens/s and llmos is at "
+                         f"{d['llmos_fraction_of_read_roofline']:.0%} of it.")
     parts += [f"{k.replace('_error', '')} failed: {v}" for k, v in d.items() if k.endswith("_error")]
     return " ".join(parts)
 

@@ -327,10 +327,12 @@ class ChatSession:
         from llmos.kernel import syscalls
 
         answer = []
-        for delta in syscalls.stream(self.kernel, pid):
-            answer.append(delta)
-            yield delta
-        self.history.append({"role": "assistant", "content": "".join(answer).strip()})
+        try:
+            for delta in syscalls.stream(self.kernel, pid):
+                answer.append(delta)
+                yield delta
+        finally:  # also when the reply is interrupted: what was said so far stays in the conversation
+            self.history.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
 @app.command()
@@ -377,8 +379,14 @@ def chat_turn(session: ChatSession, text: str) -> None:
         return
     if sys.stdin.isatty():
         out.print("[bold cyan]llm>[/] ", end="")
-    for delta in session.receive(pid):
-        write(delta)
+    try:
+        for delta in session.receive(pid):
+            write(delta)
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+        session.kernel.kill(pid)
+        write("\n")
+        notice("reply interrupted; the conversation goes on (/exit quits)")
+        return
     write("\n")
 
 
