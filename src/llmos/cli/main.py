@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout is None or sys.stdout.isatty() else 400)  # piped: no wrapping
 err = Console(stderr=True, highlight=False)
 
 
