@@ -126,3 +126,10 @@ def test_home_that_is_a_file_is_a_clear_error(tmp_path, home, monkeypatch):
     home.write_text("oops")
     with pytest.raises(RegistryError, match="llmos database"):
         add_model(model_dir(tmp_path / "d"))
+
+
+def test_removing_the_bundled_model_is_refused_clearly(tmp_path, monkeypatch):
+    from llmos.fs import registry
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    with pytest.raises(registry.RegistryError, match="bundled model"):
+        registry.remove_model("default")

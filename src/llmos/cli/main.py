@@ -399,7 +399,7 @@ def chat_command(session: ChatSession, line: str) -> bool:
         session.history.clear()
         notice("conversation cleared")
     elif command == "/help":
-        out.print(CHAT_HELP, markup=False)
+        (out if sys.stdin.isatty() else err).print(CHAT_HELP, markup=False)  # piped: stdout holds replies only
     else:
         print_error(f"unknown command {command}; /help lists the commands.")
     return True

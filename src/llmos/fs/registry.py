@@ -140,6 +140,9 @@ def add_model(path: str | Path, name: str | None = None) -> ModelEntry:
 
 def remove_model(name: str) -> ModelEntry:
     """Unregister `name` (its files are left alone). Raises `RegistryError` if no such model."""
+    if name == DEFAULT_MODEL_NAME:
+        raise RegistryError(f"{DEFAULT_MODEL_NAME!r} is the bundled model, which ships with llmos and is not in the "
+                            "registry; nothing to remove.")
     with _transaction() as conn:
         row = conn.execute("SELECT name, path, added_at FROM models WHERE name = ?", (name,)).fetchone()
         if row is None:

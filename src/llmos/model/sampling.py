@@ -156,7 +156,7 @@ def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, histor
     if bool((penalty == 1).all()):
         return logits
     rows = torch.cat([torch.full((len(h),), i, dtype=torch.long) for i, h in enumerate(histories)])
-    cols = torch.tensor([t for h in histories for t in h], dtype=torch.long)
+    cols = torch.cat([torch.tensor(h, dtype=torch.long) for h in histories])  # one C-level conversion per row
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[rows.to(logits.device), cols.to(logits.device)] = True
     penalty = penalty.unsqueeze(1)
