@@ -18,7 +18,7 @@ from llmos.train.trainer import TrainConfig, train
 
 def train_command(
     data: Annotated[list[Path], typer.Option("--data", help="A .txt/.md file or a folder of them (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write (replaced atomically).")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write: a new path, an empty directory, or a previous checkpoint (replaced atomically).")],
     tokenizer: Annotated[Optional[Path], typer.Option(
         "--tokenizer", help="Reuse the tokenizer in this directory instead of training one.")] = None,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size (>= 257).")] = 8192,
