@@ -8,12 +8,18 @@ State diagram (xv6 style: no hidden transitions):
 
          admit()          start()            finish(p, reason)
     NEW ---------> READY ---------> RUNNING -------------------> FINISHED
-     |              ^ |                |
-     |              | '--- preempt() --'    (recompute: num_computed_tokens = 0)
-     |              |        |
-     '---- kill() --+--------+--------------------------------> KILLED
+     |             ^ ^ |  <-----------' |
+     |             | | |   preempt()    |  suspend()
+     |             | | '----------------+-----------> SUSPENDED
+     |             | '---- resume() ----------------------'  |
+     |             |                                         |  hibernate()
+     |             |      (READY, RUNNING, SUSPENDED) -------+------------> HIBERNATED
+     '---- kill() -+---- (READY, RUNNING, SUSPENDED) -------------------> KILLED
 
-    kill() is legal from NEW, READY and RUNNING; FINISHED and KILLED are final.
+    preempt() and suspend() keep `num_computed_tokens` when the caller kept the K/V (swapped them out to
+    host memory) and zero it when the K/V were dropped (recompute). FINISHED, KILLED and HIBERNATED are
+    final for this kernel; a hibernated process lives on as a file that a later kernel resumes as a new
+    process.
 
 Token accounting: `token_ids` = prompt + output. `num_computed_tokens` of them have
 their K/V written in the cache; a step computes `n <= num_tokens - num_computed_tokens`
@@ -31,15 +37,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from llmos.model.sampling import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "abort")  # for finish(); kill() uses "killed"
+FINISH_REASONS = ("stop", "length", "abort")  # for finish(); kill() uses "killed", hibernate() "hibernated"
 
 
 class ProcState(enum.Enum):
     NEW = "new"
     READY = "ready"
     RUNNING = "running"
+    SUSPENDED = "suspended"
     FINISHED = "finished"
     KILLED = "killed"
+    HIBERNATED = "hibernated"
 
 
 class InvalidTransitionError(RuntimeError):
@@ -69,6 +77,7 @@ class Process:
     finish_time: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    parent: int | None = None  # pid this process was forked from
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -103,7 +112,8 @@ class Process:
 
     @property
     def is_finished(self) -> bool:
-        return self.state in (ProcState.FINISHED, ProcState.KILLED)
+        """Final for this kernel: FINISHED, KILLED or HIBERNATED (it holds no KV blocks)."""
+        return self.state in (ProcState.FINISHED, ProcState.KILLED, ProcState.HIBERNATED)
 
     def __repr__(self) -> str:
         return (f"Process(pid={self.pid}, state={self.state.name}, tokens={self.num_prompt_tokens}"
@@ -128,12 +138,34 @@ def start(p: Process) -> None:
     _transition(p, (ProcState.READY,), ProcState.RUNNING, "start")
 
 
-def preempt(p: Process) -> None:
-    """RUNNING -> READY by recompute: its K/V are gone (the caller freed its blocks),
-    so every token, prompt and output alike, must be computed again."""
+def preempt(p: Process, keep_computed: bool = False) -> None:
+    """RUNNING -> READY. By recompute (default): its K/V are gone (the caller freed its blocks), so every
+    token, prompt and output alike, must be computed again. With `keep_computed` the caller swapped the
+    K/V out to host memory and will swap them back in before the process runs again."""
     _transition(p, (ProcState.RUNNING,), ProcState.READY, "preempt")
-    p.num_computed_tokens = 0
+    if not keep_computed:
+        p.num_computed_tokens = 0
     p.num_preemptions += 1
+
+
+def suspend(p: Process, keep_computed: bool) -> None:
+    """READY/RUNNING -> SUSPENDED: not scheduled until resume(). `keep_computed` as for preempt()."""
+    _transition(p, (ProcState.READY, ProcState.RUNNING), ProcState.SUSPENDED, "suspend")
+    if not keep_computed:
+        p.num_computed_tokens = 0
+
+
+def resume(p: Process) -> None:
+    """SUSPENDED -> READY: queue it again."""
+    _transition(p, (ProcState.SUSPENDED,), ProcState.READY, "resume")
+
+
+def hibernate(p: Process) -> None:
+    """READY/RUNNING/SUSPENDED -> HIBERNATED (finish_reason "hibernated"): the caller wrote it to disk and
+    freed its blocks; it is final for this kernel."""
+    _transition(p, (ProcState.READY, ProcState.RUNNING, ProcState.SUSPENDED), ProcState.HIBERNATED, "hibernate")
+    p.finish_reason = "hibernated"
+    p.finish_time = time.monotonic()
 
 
 def finish(p: Process, reason: str) -> None:
@@ -146,8 +178,8 @@ def finish(p: Process, reason: str) -> None:
 
 
 def kill(p: Process) -> None:
-    """NEW/READY/RUNNING -> KILLED (finish_reason "killed"). The caller frees its blocks."""
-    _transition(p, (ProcState.NEW, ProcState.READY, ProcState.RUNNING), ProcState.KILLED, "kill")
+    """NEW/READY/RUNNING/SUSPENDED -> KILLED (finish_reason "killed"). The caller frees its blocks."""
+    _transition(p, (ProcState.NEW, ProcState.READY, ProcState.RUNNING, ProcState.SUSPENDED), ProcState.KILLED, "kill")
     p.finish_reason = "killed"
     p.finish_time = time.monotonic()
 
