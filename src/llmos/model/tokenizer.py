@@ -349,6 +349,13 @@ class IncrementalDetokenizer:
         """All output text emitted so far (prompt excluded)."""
         return self._text
 
+    def clone(self) -> IncrementalDetokenizer:
+        """An independent copy in the same state (for a forked process); shares only the tokenizer."""
+        other = object.__new__(IncrementalDetokenizer)
+        other.__dict__.update(self.__dict__)
+        other._window = list(self._window)
+        return other
+
     def step(self, token_id: int) -> str:
         """Add one generated token; return the newly finalized text ("" while a character is incomplete)."""
         self._window.append(token_id)
