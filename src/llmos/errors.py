@@ -35,3 +35,7 @@ class DataError(LlmosError):
 
 class TrainingDivergedError(LlmosError):
     """The training loss became NaN or infinite; nothing was saved."""
+
+
+class HibernationError(LlmosError):
+    """A hibernation image is missing, truncated, corrupt, or belongs to another model."""
