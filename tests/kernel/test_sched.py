@@ -8,7 +8,7 @@ import pytest
 from llmos.kernel import proc
 from llmos.kernel.kvcache import BlockManager
 from llmos.kernel.proc import InvalidTransitionError, Process, ProcState
-from llmos.kernel.sched import Scheduler
+from llmos.kernel.sched import FcfsPolicy, Scheduler
 
 try:
     from llmos.model.sampling import SamplingParams
@@ -199,6 +199,8 @@ def check_step(sched, bm, batch, running_before):
     assert kinds == sorted(kinds, reverse=True), "decode items must come first"
     k = len(batch.preempted)
     assert list(sched.waiting)[:k] == batch.preempted[::-1], "preempted go to the front"
+    assert batch.reasons == {p.pid: "blocks" for p in batch.preempted}
+    assert {id(p) for p in batch.admitted} == {id(p) for p in procs} - running_before
     if batch.preempted:
         assert all(id(p) in running_before for p in procs), "admitted in a step that preempted"
     for p in batch.preempted:
@@ -212,10 +214,10 @@ def check_step(sched, bm, batch, running_before):
 
 
 def simulate(seed, num_blocks, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
-             prefill_chunk_size=None, num_procs=150, kill_prob=0.01, max_steps=20_000):
+             prefill_chunk_size=None, num_procs=150, kill_prob=0.01, max_steps=20_000, policy="fcfs", trace=None):
     rng = random.Random(seed)
     bm = BlockManager(num_blocks, block_size)
-    sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens, prefill_chunk_size)
+    sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens, prefill_chunk_size, policy=policy)
     cap = num_blocks * block_size
     arrivals = sorted(rng.randrange(0, num_procs * 3) for _ in range(num_procs))
     all_procs, num_preempted, step = [], 0, 0
@@ -235,6 +237,8 @@ def simulate(seed, num_blocks, block_size=4, max_num_seqs=6, max_num_batched_tok
         running_before = {id(p) for p in sched.running}
         batch = sched.schedule()
         check_step(sched, bm, batch, running_before)
+        if trace is not None:
+            trace.append(([(p.pid, n) for p, n in batch.items], [p.pid for p in batch.preempted]))
         num_preempted += len(batch.preempted)
         if sched.has_work:
             assert batch.items, "a step with work scheduled nothing"
@@ -266,3 +270,13 @@ def test_simulation_huge_pool_never_preempts(seed):
 def test_simulation_tight_pool_one_seat():
     simulate(7, num_blocks=6, max_num_seqs=1, max_num_batched_tokens=5, num_procs=15)
     simulate(8, num_blocks=6, max_num_seqs=16, max_num_batched_tokens=1, num_procs=15)
+
+
+def test_fcfs_by_name_default_and_object_schedule_identically():
+    traces = []
+    for policy in ("fcfs", FcfsPolicy()):
+        traces.append([])
+        simulate(3, num_blocks=14, prefill_chunk_size=3, kill_prob=0.0, policy=policy, trace=traces[-1])
+    default = []
+    simulate(3, num_blocks=14, prefill_chunk_size=3, kill_prob=0.0, trace=default)
+    assert traces[0] == traces[1] == default and any(pre for _, pre in default)
