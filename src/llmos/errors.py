@@ -39,3 +39,7 @@ class TrainingDivergedError(LlmosError):
 
 class HibernationError(LlmosError):
     """A hibernation image is missing, truncated, corrupt, or belongs to another model."""
+
+
+class QuotaExceededError(LlmosError):
+    """An owner is at one of their limits (live processes, KV blocks); wait, or end one of their processes."""

@@ -1,8 +1,24 @@
-"""The kernel loop: admit -> schedule -> run -> sample -> stream -> retire.
+"""The kernel loop: admit -> schedule -> run -> sample -> stream -> retire, and the process system calls
+(spawn, fork, suspend, resume, hibernate, restore, nice, kill).
 
-Owns the process table, the model, the KV pool and every process's output stream. Each `step()`
-runs one batch; a finished or killed process gives back its blocks in the same step.
-Never parses user-facing input formats (that is the front ends' job) and never sleeps.
+Owns the process table, the model, the KV pool and its host swap pool, every process's output stream and
+the hibernation store. Each `step()` runs one batch; a finished or killed process gives back its blocks in
+the same step. Never parses user-facing input formats (that is the front ends' job) and never sleeps.
+
+Memory policy (what happens when the KV pool runs out), stated once here and in docs/design.md:
+  - The scheduler's policy picks the victim (fcfs: the newest running process; priority: the
+    worst-priority one; fair: the newest of the most-served owner).
+  - The victim is preempted by SWAP when the host swap pool has room for all its blocks and swapping is
+    cheaper than recomputing by the cost rule below; otherwise by RECOMPUTE (its blocks are dropped and
+    its tokens computed again when it runs next). So when even swap is full, preemption still works: it
+    falls back to recompute, and no running process is ever refused.
+  - Cost rule (`Kernel.prefer_swap`): swapping n blocks costs about 2 * n * bytes_per_block / B seconds
+    (out and back in, B = the measured host copy bandwidth, 4 GB/s until a swap has been timed); recompute
+    costs about num_computed_tokens * t_prefill seconds (t_prefill = measured prefill seconds per token,
+    1e-4 until a prefill step has been timed). Swap when it is the cheaper one.
+  - A request is refused at spawn (`OutOfBlocksError`) only when it could never fit in the pool alone,
+    and (`QuotaExceededError`) when its owner is at their process limit or the request alone exceeds their
+    block limit. A process of an owner at their block limit waits, it is not refused.
 """
 
 from __future__ import annotations
@@ -12,20 +28,24 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from llmos.errors import InvalidRequestError, OutOfBlocksError, ProcessNotFoundError
+from llmos.errors import InvalidRequestError, OutOfBlocksError, ProcessNotFoundError, QuotaExceededError
 from llmos.kernel import proc
-from llmos.kernel.kvcache import BlockManager, KVPool, parse_memory_budget
+from llmos.kernel.hibernate import (HibernationImage, HibernationStore, default_store, model_fingerprint,
+                                    scatter_kv, weights_fingerprint)
+from llmos.kernel.kvcache import BlockManager, KVPool, SwapPool, parse_memory_budget
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.runner import ModelRunner
-from llmos.kernel.sched import Scheduler
+from llmos.kernel.sched import MemoryHooks, Scheduler
 from llmos.model.loader import load_model
-from llmos.model.sampling import SamplingParams, find_stop
+from llmos.model.sampling import SamplingParams, find_stop, make_generator
 from llmos.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+POLICIES = ("fcfs", "priority", "fair")
 
 
 @dataclass
@@ -33,16 +53,29 @@ class KernelConfig:
     """Kernel settings, validated once at the edge.
 
     `kv_memory`: KV pool budget: bytes, a size string ("2GiB") or a fraction of free memory (0.3).
+    `swap_memory`: host swap pool budget, same forms; 0 disables swapping (preemption then recomputes).
     `block_size`: tokens per KV block. `max_num_seqs`: running processes at most.
     `max_num_batched_tokens`: the per-step token budget (prefill chunks + decodes).
+    `policy`: "fcfs", "priority" or "fair" (see sched.py). `rr_quantum`: preempt a process that decoded
+    this many tokens while others wait (round robin; None = off). `enable_prefix_cache`: share full
+    blocks of identical prompt prefixes within an owner. `max_processes_per_owner` /
+    `max_blocks_per_owner`: per-owner limits (None = none). `hibernate_dir`: where hibernated processes
+    go (default LLMOS_HOME).
     """
 
     kv_memory: str | int | float = "0.25"
+    swap_memory: str | int | float = "256MiB"
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    policy: str = "fcfs"
+    rr_quantum: int | None = None
+    enable_prefix_cache: bool = True
+    max_processes_per_owner: int | None = None
+    max_blocks_per_owner: int | None = None
     device: str | None = None
     dtype: str | None = None
+    hibernate_dir: str | None = None
 
 
 @dataclass
@@ -80,15 +113,26 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name.strip())
 
 
-class Kernel:
-    """One model, one KV pool, many processes.
+def _check_limit(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidRequestError(f"{name} must be an integer >= 1 (or unset for no limit), got {value!r}.")
+
+
+class Kernel(MemoryHooks):
+    """One model, one KV pool (plus a host swap pool), many processes of many owners.
 
     Thread-safe: every public method takes the kernel lock, so a server thread may drive `step()`
-    while others spawn, read or kill.
+    while others spawn, read or kill. Every call that names an `owner` only sees that owner's processes.
     """
 
-    def __init__(self, model_dir: str | Path, config: KernelConfig | None = None) -> None:
+    def __init__(self, model_dir: str | Path, config: KernelConfig | None = None,
+                 store: HibernationStore | None = None) -> None:
         self.config = config = config or KernelConfig()
+        if config.policy not in POLICIES:
+            raise InvalidRequestError(f"unknown scheduling policy {config.policy!r}; use one of {', '.join(POLICIES)}.")
+        _check_limit("rr_quantum", config.rr_quantum)
+        _check_limit("max_processes_per_owner", config.max_processes_per_owner)
+        _check_limit("max_blocks_per_owner", config.max_blocks_per_owner)
         self.model_dir = Path(model_dir)
         self.model_name = self.model_dir.name
         self.device = resolve_device(config.device)
@@ -98,14 +142,21 @@ class Kernel:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.context_length = self.model_config.context_length
         self.pool = self._make_pool()
-        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.device)
+        self.swap_pool = self._make_swap_pool()
+        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, self.swap_pool.num_blocks,
+                                          enable_prefix_cache=config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   policy=config.policy, rr_quantum=config.rr_quantum, memory=self)
+        self.runner = ModelRunner(self.model, self.pool, self.swap_pool, self.block_manager, self.device)
         self.processes: dict[int, Process] = {}
         self.streams: dict[int, Stream] = {}
         self._pids = itertools.count(1)
+        self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
         self.steps = 0
+        self.store = store
+        self.prefill_s_per_token = 1e-4  # measured, see prefer_swap
+        self._fingerprint: str | None = None
 
     def _make_pool(self) -> KVPool:
         c, mc = self.config, self.model_config
@@ -122,15 +173,93 @@ class Kernel:
                                       "such as 0.25 (a bare integer counts bytes).")
         return KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype, self.device)
 
+    def _make_swap_pool(self) -> SwapPool:
+        c, mc = self.config, self.model_config
+        dtype = self.pool.dtype
+        per_block = KVPool.bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, c.block_size, dtype)
+        if c.swap_memory in (0, "0", 0.0):
+            num_blocks = 0
+        else:
+            budget = parse_memory_budget(c.swap_memory, "cpu")
+            # More swap than could ever be filled (every seat's whole context) is wasted host memory.
+            cap = c.max_num_seqs * 4 * -(-self.context_length // c.block_size)
+            num_blocks = min(KVPool.num_blocks_for_budget(budget, per_block), cap)
+        return SwapPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _live(self, owner: str) -> list[Process]:
+        return [p for p in self.processes.values() if p.owner == owner and not p.is_finished]
+
+    def _check_process_quota(self, owner: str, new: int) -> None:
+        limit = self.config.max_processes_per_owner
+        if limit is not None and len(self._live(owner)) + new > limit:
+            raise QuotaExceededError(f"owner {owner!r} already has {len(self._live(owner))} live processes and the "
+                                     f"limit is {limit}; wait for one to finish or kill one (`llmos kill PID`).")
+
+    def owner_blocks(self, owner: str) -> int:
+        """Device KV blocks the owner's processes hold (a block shared by two of them counts twice)."""
+        bm = self.block_manager
+        return sum(bm.num_resident_blocks(p.pid) for p in self._live(owner))
+
+    def may_admit(self, p: Process, num_tokens: int) -> bool:
+        """Scheduler hook: may `p` hold blocks for `num_tokens` tokens under its owner's block limit?"""
+        limit = self.config.max_blocks_per_owner
+        if limit is None:
+            return True
+        bm = self.block_manager
+        extra = max(0, bm.blocks_needed(num_tokens) - bm.num_resident_blocks(p.pid))
+        return self.owner_blocks(p.owner) + extra <= limit
+
+    def cache_salt(self, p: Process) -> str:
+        """Prefix-cache salt: blocks are shared only between processes of the same owner."""
+        return p.owner
+
+    def prefer_swap(self, p: Process) -> bool:
+        """The cost rule of the module docstring: is swapping p's blocks out and back cheaper than recomputing?"""
+        bm = self.block_manager
+        n = bm.num_resident_blocks(p.pid)
+        if n == 0 or p.num_computed_tokens == 0:
+            return False
+        per_block = self.pool.nbytes // max(1, self.pool.num_blocks)
+        swap_s = 2 * n * per_block / self.runner.swap_bytes_per_s
+        return swap_s < p.num_computed_tokens * self.prefill_s_per_token
+
+    def _apply_ops(self) -> None:
+        """Replay the block manager's pending copies/swaps now (for calls made between steps)."""
+        self.runner.apply_ops()
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model (architecture, dtype and weights) a hibernation image needs."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model_config.to_dict(), self.pool.dtype,
+                                                  weights_hash=weights_fingerprint(self.model))
+        return self._fingerprint
+
+    def _store(self) -> HibernationStore:
+        if self.store is None:
+            self.store = HibernationStore(Path(self.config.hibernate_dir)) if self.config.hibernate_dir \
+                else default_store()
+        return self.store
+
     # ---- system calls (see syscalls.py for the public wrappers) ------------------------------
 
-    def spawn(self, prompt: str | list[int], params: SamplingParams | None = None, owner: str = "local") -> Process:
+    def spawn(self, prompt: str | list[int], params: SamplingParams | None = None, owner: str = "local",
+              nice: int = 0, n: int = 1) -> Process:
         """Create a process for `prompt` (text, or token ids) and queue it. Returns it in state READY.
 
+        `nice` (-20..19, lower runs first under the priority policy). `n` > 1: parallel sampling; the prompt is
+        computed once and, when it is done, forked into n - 1 more processes that share its KV blocks
+        (copy-on-write), each sampling its own continuation (their pids are in `children(pid)`).
         Raises `InvalidRequestError` (empty prompt, prompt at or over the context window, bad sampling
-        parameters) or `OutOfBlocksError` (the process could never fit in the KV pool).
+        parameters, bad nice or n), `OutOfBlocksError` (the process could never fit in the KV pool) or
+        `QuotaExceededError` (the owner is at a limit).
         """
         params = (params or SamplingParams()).validate()
+        _check_nice(nice)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise InvalidRequestError(f"n must be an integer from 1 to 64 (parallel samples), got {n!r}.")
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty; give some text to continue.")
@@ -146,14 +275,22 @@ class Kernel:
                 f"the prompt has {len(ids)} tokens but {self.model_name} has a context window of "
                 f"{self.context_length} tokens; shorten the prompt to at most {self.context_length - 1} tokens.")
         with self.lock:
-            p = Process(pid=next(self._pids), owner=owner, model=self.model_name, prompt_token_ids=ids, params=params)
+            self._check_process_quota(owner, n)
             need = self.block_manager.blocks_needed(min(len(ids) + params.max_tokens, self.context_length))
             if need > self.block_manager.num_blocks:
                 raise OutOfBlocksError(
                     f"this request needs up to {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
                     "lower max_tokens or the prompt length, or give the kernel more KV memory (--kv-memory).")
+            limit = self.config.max_blocks_per_owner
+            if limit is not None and need > limit:
+                raise QuotaExceededError(f"this request needs up to {need} KV blocks but owner {owner!r} may hold "
+                                         f"at most {limit}; lower max_tokens or the prompt length.")
+            p = Process(pid=next(self._pids), owner=owner, model=self.model_name, prompt_token_ids=ids,
+                        params=params, priority=nice)
             self.processes[p.pid] = p
             self.streams[p.pid] = Stream(IncrementalDetokenizer(self.tokenizer, ids))
+            if n > 1:
+                self._pending_forks[p.pid] = n - 1
             proc.admit(p)
             self.scheduler.add(p)
             return p
@@ -165,14 +302,164 @@ class Kernel:
             raise ProcessNotFoundError(f"no process with pid {pid}; `llmos ps` lists the live ones.")
         return p
 
+    def children(self, pid: int) -> list[int]:
+        return [c.pid for c in self.processes.values() if c.parent == pid]
+
     def kill(self, pid: int, owner: str | None = None) -> Process:
-        """Kill a live process and free its blocks at once. Killing a finished process is a no-op."""
+        """Kill a live process and free its blocks (device and swap) at once. Killing a finished process is a no-op."""
         with self.lock:
             p = self.get(pid, owner)
             if not p.is_finished:
                 proc.kill(p)
                 self._retire(p)
             return p
+
+    def nice(self, pid: int, level: int, owner: str | None = None) -> Process:
+        """Set a live process's nice level (-20..19; lower runs first under the priority policy)."""
+        _check_nice(level)
+        with self.lock:
+            p = self._live_process(pid, owner, "renice")
+            self.scheduler.renice(p, level)
+            return p
+
+    def fork(self, pid: int, n: int = 1, owner: str | None = None) -> list[Process]:
+        """Make `n` children of a live process that continue from where it is now, each with its own sampling
+        stream: they share all of its KV blocks (reference counts) and copy a block only when they first
+        write into a shared partial one (copy-on-write). A child's output so far equals the parent's.
+
+        A seeded parent's children get seeds derived from the parent's seed and their index (reproducible);
+        an unseeded parent's children draw fresh randomness. Raises `ProcessNotFoundError`,
+        `InvalidRequestError` (n < 1, parent not READY or RUNNING) or `QuotaExceededError`.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise InvalidRequestError(f"fork needs n from 1 to 64 children, got {n!r}.")
+        with self.lock:
+            p = self._live_process(pid, owner, "fork")
+            if p.state not in (ProcState.READY, ProcState.RUNNING):
+                raise InvalidRequestError(f"process {pid} is {p.state.name.lower()}; resume it before forking it.")
+            self._check_process_quota(p.owner, n)
+            return [self._fork_one(p, i) for i in range(n)]
+
+    def _fork_one(self, p: Process, index: int) -> Process:
+        bm = self.block_manager
+        seed = None if p.params.seed is None else (p.params.seed * 1_000_003 + p.pid * 4099 + index + 1) % 2**63
+        c = Process(pid=next(self._pids), owner=p.owner, model=p.model, prompt_token_ids=p.prompt_token_ids,
+                    params=replace(p.params, seed=seed), priority=p.priority, parent=p.pid,
+                    output_token_ids=list(p.output_token_ids))
+        c.first_token_time = p.first_token_time
+        if bm.num_resident_blocks(p.pid) and not bm.is_swapped(p.pid):
+            bm.fork(p.pid, c.pid)
+            c.num_computed_tokens = p.num_computed_tokens
+        s = self.streams[p.pid]
+        self.processes[c.pid] = c
+        self.streams[c.pid] = Stream(s.detokenizer.clone(), released=s.released, text=s.text,
+                                     token_times=list(s.token_times))
+        proc.admit(c)
+        if p.state is ProcState.RUNNING and c.num_computed_tokens:
+            self.scheduler.add_running(c)  # it holds its blocks already: it runs next step, beside its parent
+        else:
+            self.scheduler.add(c, front=True)
+        return c
+
+    def suspend(self, pid: int, owner: str | None = None) -> Process:
+        """Stop scheduling a READY or RUNNING process: its KV blocks move to the host swap pool when they fit
+        there (else they are dropped and recomputed on resume) and its device blocks are free at once."""
+        with self.lock:
+            p = self._live_process(pid, owner, "suspend")
+            if p.state not in (ProcState.READY, ProcState.RUNNING):
+                raise InvalidRequestError(f"process {pid} is {p.state.name.lower()}; only a ready or running "
+                                          "process can be suspended.")
+            self.scheduler.dequeue(p)
+            keep = self._swap_out_or_drop(p)
+            proc.suspend(p, keep_computed=keep)
+            return p
+
+    def _swap_out_or_drop(self, p: Process) -> bool:
+        """Free p's device blocks, keeping the K/V in swap when they fit. True if kept (swapped or already swapped)."""
+        bm = self.block_manager
+        if bm.is_swapped(p.pid):
+            return True
+        if p.num_computed_tokens and bm.can_swap_out(p.pid):
+            bm.swap_out(p.pid)
+            self._apply_ops()
+            return True
+        bm.free(p.pid)
+        return False
+
+    def resume(self, pid: int, owner: str | None = None) -> Process:
+        """Queue a SUSPENDED process again (its K/V come back from swap when it is next admitted)."""
+        with self.lock:
+            p = self._live_process(pid, owner, "resume")
+            if p.state is not ProcState.SUSPENDED:
+                raise InvalidRequestError(f"process {pid} is {p.state.name.lower()}, not suspended; nothing to resume.")
+            proc.resume(p)
+            self.scheduler.add(p)
+            return p
+
+    def hibernate(self, pid: int, owner: str | None = None) -> str:
+        """Write a live process (tokens, sampling state and RNG, K/V of its computed tokens) to disk under
+        LLMOS_HOME atomically, then end it here (state HIBERNATED, blocks freed). Returns the image id that
+        `restore` takes, in this kernel or a later one. Raises `HibernationError` when the image cannot be written
+        (then the process is left as it was)."""
+        with self.lock:
+            p = self._live_process(pid, owner, "hibernate")
+            if p.state is ProcState.NEW:
+                raise InvalidRequestError(f"process {pid} is not admitted yet; try again.")
+            image = self._image(p)
+            self._store().save(image)
+            proc.hibernate(p)
+            self._retire(p)
+            return image.hid
+
+    def _image(self, p: Process) -> HibernationImage:
+        bm, s = self.block_manager, self.streams[p.pid]
+        kv = None
+        if p.num_computed_tokens:
+            n = bm.blocks_needed(p.num_computed_tokens)
+            if bm.is_swapped(p.pid):
+                kv = self.swap_pool.read_blocks(bm.swap_tables[p.pid][:n])
+            else:
+                kv = self.pool.read_blocks(bm.block_table(p.pid)[:n])
+        return HibernationImage.from_process(p, model_fingerprint=self.fingerprint, block_size=bm.block_size, kv=kv,
+                                             generator=self.runner.generators.get(p.pid), text=s.text[:s.released])
+
+    def restore(self, hid: str, owner: str = "local") -> Process:
+        """Bring back a hibernated process as a new READY process (new pid) with the same tokens, sampling
+        state and K/V; the image is removed once the process is live. Its K/V go back into the pool when
+        there is room, else it recomputes them. Raises `HibernationError` (no such image for this owner,
+        corrupt file, another model's image) or `QuotaExceededError`."""
+        with self.lock:
+            self._check_process_quota(owner, 1)
+            image = self._store().load(hid, owner, expected_fingerprint=self.fingerprint)
+            generator = image.restore_generator(self.device)
+            p = image.to_process(next(self._pids))
+            p.model, p.num_computed_tokens = self.model_name, 0
+            bm = self.block_manager
+            if image.kv is not None and bm.can_allocate(p.pid, image.num_computed_tokens):
+                table = bm.allocate(p.pid, image.num_computed_tokens)
+                scatter_kv(image, self.pool.kv_caches, table)
+                p.num_computed_tokens = image.num_computed_tokens
+            if generator is not None:
+                self.runner.generators[p.pid] = generator
+            detok = IncrementalDetokenizer(self.tokenizer, p.prompt_token_ids)
+            for t in p.output_token_ids:
+                detok.step(t)
+            self.processes[p.pid] = p
+            self.streams[p.pid] = Stream(detok, released=len(image.text), text=detok.text)
+            proc.admit(p)
+            self.scheduler.add(p)
+            self._store().remove(hid, owner)
+            return p
+
+    def hibernated(self, owner: str = "local") -> list[dict]:
+        """The owner's hibernated processes on disk (newest last)."""
+        return self._store().list(owner)
+
+    def _live_process(self, pid: int, owner: str | None, what: str) -> Process:
+        p = self.get(pid, owner)
+        if p.is_finished:
+            raise InvalidRequestError(f"process {pid} has ended ({p.state.name.lower()}); cannot {what} it.")
+        return p
 
     def read(self, pid: int) -> list[str]:
         """Take the text deltas produced so far (may be empty)."""
@@ -192,22 +479,41 @@ class Kernel:
         with self.lock:
             batch = self.scheduler.schedule()
             if not batch.items:
+                self._apply_ops()  # swaps decided by preemption alone
                 return 0
+            t0 = time.perf_counter()
             sampled = self.runner.execute(batch)
+            prefill = sum(n for p, n in batch.items if n > 1)
+            if prefill >= 64:
+                dt = time.perf_counter() - t0
+                self.prefill_s_per_token = 0.7 * self.prefill_s_per_token + 0.3 * dt / batch.num_tokens
+            bm = self.block_manager
             for p, n in batch.items:
                 p.num_computed_tokens += n
+                bm.commit(p.pid, p.token_ids, p.num_computed_tokens, self.cache_salt(p))
             now = time.monotonic()
-            for p, token in sampled:
+            for i, (p, token) in enumerate(sampled):
+                forks = self._pending_forks.pop(p.pid, 0)
+                if forks:
+                    self._fork_at_first_token(p, forks, i, now)
                 self._append(p, token, now)
             self.steps += 1
             return batch.num_tokens
+
+    def _fork_at_first_token(self, p: Process, forks: int, row: int, now: float) -> None:
+        """Parallel sampling: p's prompt is computed; fork it before its first token and give each child
+        its own first token, drawn from the same logits with the child's own generator."""
+        children = [self._fork_one(p, i) for i in range(forks)]
+        tokens = self.runner.resample(row, children)
+        for c, token in zip(children, tokens):
+            self._append(c, token, now)
 
     def run_until_done(self, pids: list[int] | None = None) -> None:
         """Step until the given processes (default: all) have finished."""
         while True:
             with self.lock:
                 live = [self.processes[i] for i in pids] if pids is not None else list(self.processes.values())
-                if all(p.is_finished for p in live) or not self.has_work():
+                if all(p.is_finished or p.state is ProcState.SUSPENDED for p in live) or not self.has_work():
                     return
                 self.step()
 
@@ -250,13 +556,19 @@ class Kernel:
     def _retire(self, p: Process) -> None:
         self.scheduler.remove(p)
         self.runner.release(p.pid)
+        self._pending_forks.pop(p.pid, None)
 
     # ---- observability -------------------------------------------------------------------------
 
     def ps(self, owner: str | None = None, all: bool = False) -> list[dict]:
-        """One row per process (live ones only unless `all`): what `llmos ps` shows."""
+        """One row per process (live ones only unless `all`): what `llmos ps` and `top` show.
+
+        Blocks: `resident_blocks` in the device pool (shared blocks count for each holder), `swapped_blocks`
+        in host swap; `kv_bytes` = both, in bytes."""
         with self.lock:
             now = time.monotonic()
+            bm = self.block_manager
+            per_block = self.pool.nbytes // max(1, self.pool.num_blocks)
             rows = []
             for p in self.processes.values():
                 if (owner is not None and p.owner != owner) or (p.is_finished and not all):
@@ -264,18 +576,43 @@ class Kernel:
                 s = self.streams[p.pid]
                 elapsed = (p.finish_time or now) - (p.first_token_time or now)
                 rate = (p.num_output_tokens - 1) / elapsed if elapsed > 0 and p.num_output_tokens > 1 else 0.0
+                resident, swapped = bm.num_resident_blocks(p.pid), bm.num_swapped_blocks(p.pid)
                 rows.append({
-                    "pid": p.pid, "owner": p.owner, "model": p.model, "state": p.state.name,
-                    "prompt_tokens": p.num_prompt_tokens, "output_tokens": p.num_output_tokens,
-                    "blocks": len(self.block_manager.block_table(p.pid)) if p.state is ProcState.RUNNING else 0,
+                    "pid": p.pid, "owner": p.owner, "model": p.model, "state": p.state.name, "nice": p.priority,
+                    "parent": p.parent, "prompt_tokens": p.num_prompt_tokens, "output_tokens": p.num_output_tokens,
+                    "resident_blocks": resident, "swapped_blocks": swapped,
+                    "kv_bytes": (resident + swapped) * per_block,
                     "tokens_per_s": round(rate, 2), "age_s": round(now - p.arrival_time, 2),
-                    "finish_reason": p.finish_reason, "text": s.text,
+                    "preemptions": p.num_preemptions, "finish_reason": p.finish_reason, "text": s.text,
                 })
             return rows
 
-    def memory(self) -> dict:
-        """KV pool usage in blocks and bytes."""
-        bm = self.block_manager
-        per_block = self.pool.nbytes // max(1, self.pool.num_blocks)
-        return {"num_blocks": bm.num_blocks, "used_blocks": bm.num_used_blocks, "free_blocks": bm.num_free_blocks,
-                "block_size": bm.block_size, "bytes_per_block": per_block, "pool_bytes": self.pool.nbytes}
+    def memory(self, owner: str | None = None) -> dict:
+        """KV pool and swap usage in blocks and bytes, prefix-cache counters, and per-owner use
+        (only `owner`'s when given)."""
+        with self.lock:
+            bm = self.block_manager
+            per_block = self.pool.nbytes // max(1, self.pool.num_blocks)
+            owners: dict[str, dict] = {}
+            for p in self.processes.values():
+                if p.is_finished or (owner is not None and p.owner != owner):
+                    continue
+                o = owners.setdefault(p.owner, {"processes": 0, "resident_blocks": 0, "swapped_blocks": 0})
+                o["processes"] += 1
+                o["resident_blocks"] += bm.num_resident_blocks(p.pid)
+                o["swapped_blocks"] += bm.num_swapped_blocks(p.pid)
+            stats = bm.stats()
+            out = {"num_blocks": bm.num_blocks, "used_blocks": bm.num_used_blocks, "free_blocks": bm.num_free_blocks,
+                   "cached_blocks": bm.num_cached_blocks, "block_size": bm.block_size, "bytes_per_block": per_block,
+                   "pool_bytes": self.pool.nbytes, "swap_blocks": bm.num_swap_blocks,
+                   "free_swap_blocks": bm.num_free_swap_blocks, "swap_bytes": self.swap_pool.nbytes,
+                   "prefix_cache": {k: stats[k] for k in ("prefix_queries", "prefix_hits", "hit_rate", "evictions")},
+                   "policy": self.config.policy, "owners": owners}
+            if self.config.policy == "fair":
+                out["counters"] = dict(self.scheduler.counters)
+            return out
+
+
+def _check_nice(level) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or not -20 <= level <= 19:
+        raise InvalidRequestError(f"nice level must be an integer from -20 (most favoured) to 19 (least), got {level!r}.")

@@ -1,14 +1,17 @@
 """The model runner: turns one scheduled batch into tensors, runs the model on the paged cache, samples.
 
-Owns the batch layout (token ids, positions, slot mapping, block tables) and the per-process RNGs.
+Owns the batch layout (token ids, positions, slot mapping, block tables), the per-process RNGs, and the
+replay of the block manager's copy/swap log onto the KV and swap pools before every forward pass.
 Never decides who runs (sched.py) or changes process state (kernel.py).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from llmos.kernel.kvcache import BlockManager, KVPool
+from llmos.kernel.kvcache import BlockManager, KVPool, SwapPool, apply_block_ops
 from llmos.kernel.proc import Process
 from llmos.kernel.sched import ScheduledBatch
 from llmos.model.attention import AttentionMetadata, Segment
@@ -21,14 +24,18 @@ class ModelRunner:
 
     `execute(batch)` computes `n` new tokens for every `(process, n)` item and returns
     `[(process, token_id)]` for the items that completed their uncomputed tokens (decodes and
-    last prefill chunks); a partial prefill chunk samples nothing.
+    last prefill chunks); a partial prefill chunk samples nothing. The logits of the last step's
+    sampling rows stay available to `resample` (parallel sampling forks at the first token).
     """
 
-    def __init__(self, model: CausalLM, pool: KVPool, block_manager: BlockManager, device: torch.device) -> None:
-        self.model, self.pool, self.block_manager, self.device = model, pool, block_manager, device
+    def __init__(self, model: CausalLM, pool: KVPool, swap_pool: SwapPool | None, block_manager: BlockManager,
+                 device: torch.device) -> None:
+        self.model, self.pool, self.swap_pool, self.block_manager, self.device = model, pool, swap_pool, block_manager, device
         self.block_size = pool.block_size
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator | None] = {}
+        self.swap_bytes_per_s = 4e9  # host copy bandwidth of swaps, measured (EMA) as they happen
+        self._last_logits: torch.Tensor | None = None
 
     def generator(self, p: Process) -> torch.Generator | None:
         """The process's own RNG, seeded from its params (created on first use, kept across preemption)."""
@@ -39,6 +46,18 @@ class ModelRunner:
     def release(self, pid: int) -> None:
         self.generators.pop(pid, None)
 
+    def apply_ops(self) -> None:
+        """Replay the block manager's pending copy / swap-out / swap-in log, in order (see BlockManager.take_ops)."""
+        ops = self.block_manager.take_ops()
+        if not ops:
+            return
+        t0 = time.perf_counter()
+        apply_block_ops(ops, self.pool, self.swap_pool)
+        dt = time.perf_counter() - t0
+        swapped = sum(len(pairs) for kind, pairs in ops if kind != "copy")
+        if swapped and dt > 0:
+            per_block = self.pool.nbytes // max(1, self.pool.num_blocks)
+            self.swap_bytes_per_s = 0.5 * self.swap_bytes_per_s + 0.5 * swapped * per_block / dt
     def prepare(self, batch: ScheduledBatch):
         """Flatten the batch: `ids`/`positions`/`slots` `[N]`, one attention segment per process, and the
         row of the last token of each item that samples this step."""
@@ -73,11 +92,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Process, int]]:
+        self.apply_ops()
         ids, positions, meta, sample_rows, sampling = self.prepare(batch)
         hidden = self.model.forward_paged(ids, positions, self.pool.kv_caches, meta)
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        self._last_logits = logits
         tokens = self.sampler.sample(logits, [p.params for p in sampling], [self.generator(p) for p in sampling],
                                      [p.token_ids for p in sampling])
         return list(zip(sampling, tokens.tolist()))
+
+    @torch.inference_mode()
+    def resample(self, row: int, processes: list[Process]) -> list[int]:
+        """One token for each of `processes` from row `row` of the last step's sampling logits, each with its
+        own parameters, generator and history (the children of a parallel-sampling fork)."""
+        logits = self._last_logits[row:row + 1].expand(len(processes), -1)
+        tokens = self.sampler.sample(logits, [p.params for p in processes], [self.generator(p) for p in processes],
+                                     [p.token_ids for p in processes])
+        return tokens.tolist()

@@ -296,6 +296,28 @@ def vtc_bound(max_prompt_tokens: int, kv_capacity_tokens: int, w_p: float = 1.0,
     return 2.0 * max(w_p * max_prompt_tokens, w_q * kv_capacity_tokens)
 
 
+# ---------------------------------------------------------------- memory hooks
+
+
+class MemoryHooks:
+    """What the scheduler asks its owner (the kernel) about memory; these defaults keep it self-contained.
+
+    - `may_admit(p, num_tokens)`: may p hold blocks for `num_tokens` tokens (per-owner limits)? Default yes.
+    - `prefer_swap(p)`: preempt p by swapping its K/V to host memory (True) or by recompute (False)?
+      Asked only when the swap space has room. Default: recompute.
+    - `cache_salt(p)`: the prefix-cache salt of p's blocks; only equal salts share. Default: the owner.
+    """
+
+    def may_admit(self, p: Process, num_tokens: int) -> bool:
+        return True
+
+    def prefer_swap(self, p: Process) -> bool:
+        return False
+
+    def cache_salt(self, p: Process) -> str:
+        return p.owner
+
+
 # ---------------------------------------------------------------- the scheduler
 
 class Scheduler:
@@ -305,14 +327,22 @@ class Scheduler:
     `policy`: "fcfs", "priority", "fair" or a Policy object. `clock`: seconds, for aging
     (inject a virtual clock in simulations). `rr_quantum`: decode tokens per turn when others
     wait (None = off). `aging_s`: seconds of waiting per nice level of bonus when `policy` is
-    "priority" (None = no aging; a Policy object brings its own). Raises SchedulingError (a
-    ValueError) for bad settings.
+    "priority" (None = no aging; a Policy object brings its own). `memory`: the kernel's
+    MemoryHooks (per-owner limits, swap-or-recompute, prefix-cache salt). Raises SchedulingError
+    (a ValueError) for bad settings.
+
+    Memory: a process admitted with no computed tokens first takes the prefix cache's matching
+    blocks (BlockManager.allocate_prefix) and computes only the rest; a process whose K/V were
+    swapped out is swapped back in on admission; a preempted process is swapped out when
+    `memory.prefer_swap` says so and the swap space has room, else recomputed. Growth passes
+    `write_from`, so a write into a block shared after a fork copies it first (copy-on-write).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, prefill_chunk_size: int | None = None,
                  policy: str | Policy = "fcfs", clock: Callable[[], float] = time.monotonic,
-                 rr_quantum: int | None = None, aging_s: float | None = DEFAULT_AGING_S):
+                 rr_quantum: int | None = None, aging_s: float | None = DEFAULT_AGING_S,
+                 memory: MemoryHooks | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or (prefill_chunk_size is not None and prefill_chunk_size < 1):
             raise ValueError(f"Scheduler limits must be >= 1: max_num_seqs={max_num_seqs}, "
                              f"max_num_batched_tokens={max_num_batched_tokens}, prefill_chunk_size={prefill_chunk_size}")
@@ -327,6 +357,7 @@ class Scheduler:
         self.rr_quantum = rr_quantum
         self.policy = make_policy(policy, aging_s)
         self.policy.attach(self)
+        self.memory = memory or MemoryHooks()
         self.waiting: deque[Process] = deque()
         self.running: list[Process] = []
         self._decoded: dict[int, int] = {}  # pid -> decode tokens scheduled since it was admitted
@@ -355,14 +386,37 @@ class Scheduler:
         bm = self.block_manager
         return bm.blocks_needed(p.num_prompt_tokens + p.params.max_tokens) <= bm.num_blocks
 
-    def add(self, p: Process) -> None:
-        """Queue a READY process at the back of waiting. Raises SchedulingError when its
-        priority is not a nice level (-20..19)."""
+    def add(self, p: Process, front: bool = False) -> None:
+        """Queue a READY process at the back of waiting (the front with `front`, e.g. a forked child
+        that already holds blocks). Raises SchedulingError when its priority is not a nice level (-20..19)."""
         if p.state is not ProcState.READY:
             raise proc.InvalidTransitionError(f"Scheduler.add(pid={p.pid}): process is {p.state.name}, needs READY")
         check_nice(p.priority)
         self.policy.on_add(p)
-        self.waiting.append(p)
+        if front:
+            self.waiting.appendleft(p)
+        else:
+            self.waiting.append(p)
+
+    def add_running(self, p: Process) -> None:
+        """Put a READY process that already holds its blocks (a child forked from a running process)
+        straight onto running: READY -> RUNNING. It may briefly exceed max_num_seqs."""
+        check_nice(p.priority)
+        self.policy.on_add(p)
+        proc.start(p)
+        self.running.append(p)
+        self._decoded[p.pid] = 0
+        self.policy.on_admit(p)
+
+    def dequeue(self, p: Process) -> None:
+        """Take a live process off whichever queue holds it without touching its blocks (the kernel
+        suspends it: it swaps or frees them itself)."""
+        if p in self.running:
+            self.running.remove(p)
+        elif p in self.waiting:
+            self.waiting.remove(p)
+        self._decoded.pop(p.pid, None)
+        self.policy.on_preempt(p)
 
     def remove(self, p: Process) -> None:
         """Drop a FINISHED or KILLED process from whichever queue holds it and free its
@@ -399,8 +453,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             p = self.running[i]
             if w is not None and self.policy.may_preempt(w, p):
-                n = self._num_new_tokens(w, budget)
-                if self._admit_over(w, n, i):  # w outranks running[i:]: it goes before them
+                n = self._admit_over(w, self._num_new_tokens(w, budget), i)
+                if n:  # w outranks running[i:]: it goes before them
                     self.running.remove(w)
                     self.running.insert(i, w)
                     self._serve(w, n, batch, admitted=True)
@@ -422,8 +476,8 @@ class Scheduler:
             w = self._pick()
             if w is None:
                 break
-            n = self._num_new_tokens(w, budget)
-            if not self._admit(w, n):
+            n = self._admit(w, self._num_new_tokens(w, budget))
+            if not n:
                 break
             self._serve(w, n, batch, admitted=True)
             budget -= n
@@ -456,53 +510,85 @@ class Scheduler:
             n = min(n, self.prefill_chunk_size)
         return min(n, budget)
 
-    def _admit(self, p: Process, n: int) -> bool:
-        """Start waiting process p with blocks for its first num_computed_tokens + n tokens
-        (READY -> RUNNING, onto running). False, changing nothing, when the blocks are not free."""
+    def _admit(self, p: Process, n: int) -> int:
+        """Start waiting process p with blocks for its next n tokens (READY -> RUNNING, onto
+        running). Returns the tokens it computes this step: n, or fewer when the prefix cache
+        already holds the head of its prompt. 0, changing nothing, when the blocks are not free
+        or its owner is at their block limit."""
+        bm = self.block_manager
         need = p.num_computed_tokens + n
-        if not self.block_manager.can_allocate(p.pid, need):
-            return False
-        self.block_manager.allocate(p.pid, need)
+        if not self.memory.may_admit(p, need):
+            return 0
+        if bm.is_swapped(p.pid):
+            if not bm.can_swap_in(p.pid, need):
+                return 0
+            bm.swap_in(p.pid, need)
+        elif p.num_computed_tokens == 0 and not bm.block_table(p.pid):
+            hit = bm.allocate_prefix(p.pid, p.token_ids, need, self.memory.cache_salt(p))
+            if hit is None:
+                return 0
+            if hit:
+                n = min(n, p.num_tokens - hit)
+                if not bm.can_allocate(p.pid, hit + n):
+                    bm.free(p.pid)
+                    return 0
+                bm.allocate(p.pid, hit + n)
+                p.num_computed_tokens = hit
+        else:
+            if not bm.can_allocate(p.pid, need, write_from=p.num_computed_tokens):
+                return 0
+            bm.allocate(p.pid, need, write_from=p.num_computed_tokens)
         self.waiting.remove(p)
         proc.start(p)
         self.running.append(p)
         self._decoded[p.pid] = 0
         self.policy.on_admit(p)
-        return True
+        return n
 
-    def _admit_over(self, w: Process, n: int, i: int) -> bool:
+    def _admit_over(self, w: Process, n: int, i: int) -> int:
         """Admit w ahead of running[i:] (all of which it outranks), preempting the policy's
-        victims among them while w lacks a seat or blocks. False if it still cannot start."""
-        while not (len(self.running) < self.max_num_seqs and self._admit(w, n)):
+        victims among them while w lacks a seat or blocks. Returns its tokens this step (see
+        _admit), 0 if it still cannot start."""
+        while True:
+            if len(self.running) < self.max_num_seqs:
+                got = self._admit(w, n)
+                if got:
+                    return got
             rest = self.running[i:]
             if not rest:
-                return False
+                return 0
             victim = self.policy.victim(rest)
             if not self.policy.may_preempt(w, victim):
-                return False
+                return 0
             self._preempt(victim, "priority")
-        return True
 
     def _grow_or_preempt(self, p: Process, n: int) -> bool:
         """Cover running p's first num_computed_tokens + n tokens with blocks, preempting the
         policy's victim among the processes served after p (p itself when it is the last)
         until they fit. False if p itself was preempted."""
-        need = p.num_computed_tokens + n
-        while not self.block_manager.can_allocate(p.pid, need):
+        need, start = p.num_computed_tokens + n, p.num_computed_tokens
+        while not self.block_manager.can_allocate(p.pid, need, write_from=start):
             rest = self.running[self.running.index(p) + 1:]
             victim = self.policy.victim(rest) if rest else p
             self._preempt(victim, "blocks")
             if victim is p:
                 return False
-        self.block_manager.allocate(p.pid, need)
+        self.block_manager.allocate(p.pid, need, write_from=start)
         return True
 
     def _preempt(self, p: Process, reason: str = "blocks") -> None:
-        """Preempt running p by recompute: free its blocks, forget its computed tokens and
-        requeue it, at the FRONT of waiting (at the back for an expired round-robin quantum)."""
+        """Preempt running p: swap its K/V out to host memory when `memory.prefer_swap(p)` and the
+        swap space has room (it keeps its computed tokens), else by recompute (free its blocks,
+        forget its computed tokens); requeue it at the FRONT of waiting (at the back for an expired
+        round-robin quantum)."""
         self.running.remove(p)
-        self.block_manager.free(p.pid)
-        proc.preempt(p)
+        bm = self.block_manager
+        swap = p.num_computed_tokens > 0 and bm.can_swap_out(p.pid) and self.memory.prefer_swap(p)
+        if swap:
+            bm.swap_out(p.pid)
+        else:
+            bm.free(p.pid)
+        proc.preempt(p, keep_computed=swap)
         if reason == "quantum":
             self.waiting.append(p)
         else:
@@ -535,4 +621,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens - sum(min(q.num_uncomputed_tokens, chunk) for q in self.running)
         if budget <= 0:
             return False
-        return self.block_manager.can_allocate(w.pid, w.num_computed_tokens + self._num_new_tokens(w, budget))
+        need = w.num_computed_tokens + self._num_new_tokens(w, budget)
+        if self.block_manager.is_swapped(w.pid):
+            return self.block_manager.can_swap_in(w.pid, need)
+        return self.block_manager.can_allocate(w.pid, need, write_from=w.num_computed_tokens)
