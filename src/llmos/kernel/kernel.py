@@ -609,7 +609,7 @@ class Kernel(MemoryHooks):
                    "prefix_cache": {k: stats[k] for k in ("prefix_queries", "prefix_hits", "hit_rate", "evictions")},
                    "policy": self.config.policy, "owners": owners}
             if self.config.policy == "fair":
-                out["counters"] = dict(self.scheduler.counters)
+                out["counters"] = {o: c for o, c in self.scheduler.counters.items() if owner is None or o == owner}
             return out
 
 

@@ -1,4 +1,5 @@
-"""The system-call API every front end uses: spawn, stream, wait, kill, ps.
+"""The system-call API every front end uses: spawn, stream, wait, kill, ps, top, fork, suspend, resume,
+hibernate, restore, nice.
 
 Owns nothing but the calling convention: each call names an owner, and a caller only ever sees
 or touches its own processes. The daemon (HTTP) and the shell (CLI) both call these functions.
@@ -28,9 +29,11 @@ class Result:
 
 
 def spawn(kernel: Kernel, prompt: str | list[int], params: SamplingParams | None = None,
-          owner: str = "local") -> int:
-    """Start a generation; returns its pid. Raises `InvalidRequestError` / `OutOfBlocksError`."""
-    return kernel.spawn(prompt, params, owner).pid
+          owner: str = "local", nice: int = 0, n: int = 1) -> int:
+    """Start a generation; returns its pid. `n` > 1 samples n continuations (the others are forked from it
+    when its prompt is done: `children`). Raises `InvalidRequestError` / `OutOfBlocksError` /
+    `QuotaExceededError`."""
+    return kernel.spawn(prompt, params, owner, nice=nice, n=n).pid
 
 
 def stream(kernel: Kernel, pid: int, owner: str = "local") -> Iterator[str]:
@@ -71,3 +74,51 @@ def kill(kernel: Kernel, pid: int, owner: str = "local") -> None:
 def ps(kernel: Kernel, owner: str | None = "local", all: bool = False) -> list[dict]:
     """The caller's processes (every owner's with owner=None: admins only)."""
     return kernel.ps(owner, all)
+
+
+def children(kernel: Kernel, pid: int, owner: str = "local") -> list[int]:
+    """Pids forked from the caller's process `pid` (by `fork`, or by parallel sampling)."""
+    kernel.get(pid, owner)
+    return kernel.children(pid)
+
+
+def fork(kernel: Kernel, pid: int, n: int = 1, owner: str = "local") -> list[int]:
+    """Make n children of the caller's live process, sharing its KV blocks copy-on-write; returns their pids."""
+    return [c.pid for c in kernel.fork(pid, n, owner)]
+
+
+def suspend(kernel: Kernel, pid: int, owner: str = "local") -> None:
+    """Stop scheduling the caller's process; its K/V go to host swap (or are recomputed on resume)."""
+    kernel.suspend(pid, owner)
+
+
+def resume(kernel: Kernel, pid: int, owner: str = "local") -> None:
+    """Queue the caller's suspended process again."""
+    kernel.resume(pid, owner)
+
+
+def hibernate(kernel: Kernel, pid: int, owner: str = "local") -> str:
+    """Write the caller's process to disk and end it here; returns the image id for `restore`."""
+    return kernel.hibernate(pid, owner)
+
+
+def restore(kernel: Kernel, hid: str, owner: str = "local") -> int:
+    """Bring back the caller's hibernated process `hid` (from this kernel or an earlier one); returns its new pid."""
+    return kernel.restore(hid, owner).pid
+
+
+def hibernated(kernel: Kernel, owner: str = "local") -> list[dict]:
+    """The caller's hibernated processes on disk."""
+    return kernel.hibernated(owner)
+
+
+def nice(kernel: Kernel, pid: int, level: int, owner: str = "local") -> None:
+    """Set the nice level (-20..19) of the caller's live process."""
+    kernel.nice(pid, level, owner)
+
+
+def top(kernel: Kernel, owner: str | None = "local") -> dict:
+    """What `top` shows: the kernel's memory and scheduler state plus one row per live process (owner=None:
+    every owner's, admins only)."""
+    return {"memory": kernel.memory(owner), "processes": kernel.ps(owner), "steps": kernel.steps,
+            "waiting": kernel.scheduler.num_waiting, "running": kernel.scheduler.num_running}
