@@ -565,15 +565,22 @@ class Scheduler:
     def _grow_or_preempt(self, p: Process, n: int) -> bool:
         """Cover running p's first num_computed_tokens + n tokens with blocks, preempting the
         policy's victim among the processes served after p (p itself when it is the last)
-        until they fit. False if p itself was preempted."""
+        until they fit; when p's owner is at their block limit (`memory.may_admit`), the victim
+        is one of that owner's own processes. False if p itself was preempted."""
+        bm = self.block_manager
         need, start = p.num_computed_tokens + n, p.num_computed_tokens
-        while not self.block_manager.can_allocate(p.pid, need, write_from=start):
+        while True:
+            over_limit = not self.memory.may_admit(p, need)
+            if not over_limit and bm.can_allocate(p.pid, need, write_from=start):
+                break
             rest = self.running[self.running.index(p) + 1:]
+            if over_limit:
+                rest = [q for q in rest if q.owner == p.owner]
             victim = self.policy.victim(rest) if rest else p
             self._preempt(victim, "blocks")
             if victim is p:
                 return False
-        self.block_manager.allocate(p.pid, need, write_from=start)
+        bm.allocate(p.pid, need, write_from=start)
         return True
 
     def _preempt(self, p: Process, reason: str = "blocks") -> None:
