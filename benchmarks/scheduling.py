@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.table import Table
 
 from llmos.bench.sim import SimConfig, fairness_experiment, priority_experiment
-from llmos.kernel.sched import Scheduler
 
 QUICK_SIM = SimConfig(num_blocks=128, block_size=16, max_num_seqs=8, max_num_batched_tokens=256)
 QUICK_FAIR = dict(light_requests=40, duration_s=8.0, prompt_tokens=(16, 128), output_tokens=(16, 128))
@@ -43,8 +42,7 @@ def real_priority_run(policy: str, batch_requests: int, prompt_tokens: int, outp
     from llmos.model.sampling import SamplingParams
 
     k = Kernel(default_model_dir(), KernelConfig(kv_memory="64MiB", max_num_seqs=max_num_seqs,
-                                                  max_num_batched_tokens=256, device="cpu"))
-    k.scheduler = Scheduler(k.block_manager, max_num_seqs, 256, policy=policy)
+                                                  max_num_batched_tokens=256, device="cpu", policy=policy))
     rng = random.Random(seed)
     vocab = k.model_config.vocab_size
     start = time.monotonic()

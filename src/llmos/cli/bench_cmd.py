@@ -38,10 +38,24 @@ def bench_command(
                             "kernel's.")] = None,
     max_batched_tokens: Annotated[Optional[int], typer.Option(
         "--max-batched-tokens", help="llmos per-step token budget; default: the kernel's.")] = None,
+    suite: Annotated[str, typer.Option(
+        "--suite", help="serving: llmos against transformers (default). kernel: prefix-cache TTFT, fork KV "
+                        "footprint, fairness and priority on the real kernel (--model: the model for the first two, "
+                        "default llama-110m).")] = "serving",
 ) -> None:
-    """Benchmark serving throughput and latency: llmos's kernel against transformers' generate modes."""
+    """Benchmark serving throughput and latency (llmos's kernel against transformers' generate modes), or the
+    kernel's own features (--suite kernel)."""
     if out.exists() and not out.is_dir():
         raise InvalidRequestError(f"--out {out} exists and is not a directory; give a directory for the results.")
+    if suite not in ("serving", "kernel"):
+        raise InvalidRequestError(f"--suite {suite!r} is not one of serving, kernel.")
+    if suite == "kernel":
+        from llmos.bench.kernel_bench import run_kernel_benchmarks
+
+        if model and len(model) > 1:
+            raise InvalidRequestError("--suite kernel takes one --model.")
+        run_kernel_benchmarks(out, model=(model or ["tiny" if quick else "llama-110m"])[0], quick=quick)
+        return
     from llmos.bench.serving import BenchConfig, run_benchmark
 
     config = BenchConfig(models=model, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
