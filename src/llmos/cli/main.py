@@ -78,6 +78,12 @@ LAZY_COMMANDS = [
      "Train a tokenizer and a small Llama-family model on text; write a Hugging Face checkpoint."),
     ("bench", "llmos.cli.bench_cmd", "bench_command",
      "Benchmark serving throughput and latency: the llmos kernel against transformers."),
+    ("sh", "llmos.cli.shell", "sh_command",
+     "A kernel shell: spawn, ps, top, kill, suspend, resume, hibernate, nice, fork processes on one kernel."),
+    ("ps", "llmos.cli.shell", "ps_command",
+     "List your hibernated processes (live ones are in `llmos sh` until the daemon exists)."),
+    ("resume", "llmos.cli.shell", "resume_command",
+     "Continue a hibernated process, streaming the rest of its text."),
 ]
 
 
@@ -208,6 +214,9 @@ def run(
     device: Device = None,
     stats: Annotated[bool, typer.Option(
         "--stats/--no-stats", help="Print token counts, TTFT and tokens/s on stderr at the end.")] = True,
+    hibernate_after: Annotated[Optional[int], typer.Option(
+        "--hibernate-after", min=1, help="After N output tokens, hibernate the process to disk and print its image "
+        "id on stderr (continue it with `llmos resume HID`).", show_default=False)] = None,
 ) -> None:
     """Continue a prompt with a model, streaming the text to stdout as it is generated."""
     from llmos.kernel import syscalls
@@ -217,6 +226,10 @@ def run(
                              repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
     kernel = start_kernel(model, kv_memory, device)
     pid = syscalls.spawn(kernel, text, params)
+    if hibernate_after is not None:
+        from llmos.cli.shell import run_and_hibernate
+        if not run_and_hibernate(kernel, pid, hibernate_after):
+            return
     for delta in syscalls.stream(kernel, pid):
         write(delta)
     write("\n")
