@@ -3,6 +3,7 @@ hibernate, policies and limits, each checked against an independent oracle (a st
 tokens), plus a randomized stress test of every syscall with the accounting checked after every step."""
 
 import random
+import time
 
 import pytest
 import torch
@@ -422,3 +423,24 @@ def test_randomized_stress_every_syscall_invariants_every_step(tiny_model_dir, t
     check(k)
     assert all(p.is_finished for p in k.processes.values())
     assert k.block_manager.num_used_blocks == 0 and k.block_manager.num_free_swap_blocks == k.block_manager.num_swap_blocks
+
+
+def test_hibernate_before_the_first_token_keeps_parallel_samples_and_rate_counts_new_tokens(tiny_model_dir, tmp_path):
+    k = make(tiny_model_dir, tmp_path)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    p = k.spawn(ids(30, 2), params, n=3)
+    q = k.restore(k.hibernate(p.pid))
+    k.run_until_done()
+    kids = [k.processes[c] for c in k.children(q.pid)]
+    assert len(kids) == 2 and all(c.num_output_tokens == 6 for c in kids)
+    # A restored process's tokens/s counts only the tokens generated since it came back.
+    r = k.spawn(ids(20, 3), SamplingParams(max_tokens=30, **GREEDY))
+    for _ in range(15):
+        k.step()
+    r2 = k.restore(k.hibernate(r.pid))
+    for _ in range(3):
+        k.step()
+    row = next(x for x in k.ps() if x["pid"] == r2.pid)
+    elapsed = time.monotonic() - r2.first_token_time
+    assert row["output_tokens"] > 10 and row["tokens_per_s"] == pytest.approx(2 / elapsed, rel=0.5)
+    assert r2.output_tokens_at_start == r2.num_output_tokens - 3

@@ -59,7 +59,7 @@ class Process:
     """One generation. Identity is the object (eq=False), so it can sit in sets and deques.
 
     Times are `time.monotonic()` seconds. `finish_reason` is one of "stop", "length",
-    "abort" (set by finish) or "killed" (set by kill); None while alive.
+    "abort" (set by finish), "killed" (set by kill) or "hibernated"; None while alive.
     """
 
     pid: int
@@ -78,6 +78,7 @@ class Process:
     finish_reason: str | None = None
     num_preemptions: int = 0
     parent: int | None = None  # pid this process was forked from
+    output_tokens_at_start: int = 0  # output tokens it already had when it arrived (restored, forked)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
