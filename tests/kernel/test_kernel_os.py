@@ -444,3 +444,21 @@ def test_hibernate_before_the_first_token_keeps_parallel_samples_and_rate_counts
     elapsed = time.monotonic() - r2.first_token_time
     assert row["output_tokens"] > 10 and row["tokens_per_s"] == pytest.approx(2 / elapsed, rel=0.5)
     assert r2.output_tokens_at_start == r2.num_output_tokens - 3
+
+
+def test_logprobs_match_transformers(tiny_model_dir, tmp_path):
+    import transformers as T
+    k = make(tiny_model_dir, tmp_path)
+    p = k.spawn(ids(12, 5), SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True, logprobs=4))
+    k.run_until_done()
+    hf = T.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p.token_ids])).logits[0].float(), -1)
+    entries = k.streams[p.pid].logprobs
+    assert len(entries) == 6
+    for i, (chosen, top) in enumerate(entries):
+        row = ref[p.num_prompt_tokens - 1 + i]
+        assert chosen == pytest.approx(float(row[p.output_token_ids[i]]), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(4).indices.tolist()
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        k.spawn("hi", SamplingParams(logprobs=21))

@@ -88,6 +88,7 @@ class Stream:
     text: str = ""
     deltas: deque[str] = field(default_factory=deque)
     token_times: list[float] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per output token
 
 
 def default_device() -> torch.device:
@@ -353,7 +354,7 @@ class Kernel(MemoryHooks):
         s = self.streams[p.pid]
         self.processes[c.pid] = c
         self.streams[c.pid] = Stream(s.detokenizer.clone(), released=s.released, text=s.text,
-                                     token_times=list(s.token_times))
+                                     token_times=list(s.token_times), logprobs=list(s.logprobs))
         proc.admit(c)
         if p.state is ProcState.RUNNING and c.num_computed_tokens:
             self.scheduler.add_running(c)  # it holds its blocks already: it runs next step, beside its parent
@@ -527,6 +528,8 @@ class Kernel(MemoryHooks):
         proc.append_token(p, token)
         s = self.streams[p.pid]
         s.token_times.append(now)
+        if p.params.logprobs is not None:
+            s.logprobs.append(self.runner.last_logprobs.get(p.pid, (float("nan"), [])))
         params = p.params
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return self._finish(p, "stop")

@@ -15,7 +15,7 @@ from llmos.kernel.kvcache import BlockManager, KVPool, SwapPool, apply_block_ops
 from llmos.kernel.proc import Process
 from llmos.kernel.sched import ScheduledBatch
 from llmos.model.attention import AttentionMetadata, Segment
-from llmos.model.sampling import Sampler, make_generator
+from llmos.model.sampling import Sampler, logprob_entry, make_generator
 from llmos.model.transformer import CausalLM
 
 
@@ -36,6 +36,7 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator | None] = {}
         self.swap_bytes_per_s = 4e9  # host copy bandwidth of swaps, measured (EMA) as they happen
         self._last_logits: torch.Tensor | None = None
+        self.last_logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}  # pid -> logprob_entry, last step
 
     def generator(self, p: Process) -> torch.Generator | None:
         """The process's own RNG, seeded from its params (created on first use, kept across preemption)."""
@@ -100,8 +101,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         self._last_logits = logits
         tokens = self.sampler.sample(logits, [p.params for p in sampling], [self.generator(p) for p in sampling],
-                                     [p.token_ids for p in sampling])
-        return list(zip(sampling, tokens.tolist()))
+                                     [p.token_ids for p in sampling]).tolist()
+        self.last_logprobs = {}
+        want = [i for i, p in enumerate(sampling) if p.params.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(logits[want].float(), dim=-1)
+            for j, i in enumerate(want):
+                self.last_logprobs[sampling[i].pid] = logprob_entry(lp[j], tokens[i], sampling[i].params.logprobs)
+        return list(zip(sampling, tokens))
 
     @torch.inference_mode()
     def resample(self, row: int, processes: list[Process]) -> list[int]:
@@ -109,5 +116,10 @@ class ModelRunner:
         own parameters, generator and history (the children of a parallel-sampling fork)."""
         logits = self._last_logits[row:row + 1].expand(len(processes), -1)
         tokens = self.sampler.sample(logits, [p.params for p in processes], [self.generator(p) for p in processes],
-                                     [p.token_ids for p in processes])
-        return tokens.tolist()
+                                     [p.token_ids for p in processes]).tolist()
+        if any(p.params.logprobs is not None for p in processes):
+            lp = torch.log_softmax(self._last_logits[row].float(), dim=-1)
+            for p, t in zip(processes, tokens):
+                if p.params.logprobs is not None:
+                    self.last_logprobs[p.pid] = logprob_entry(lp, t, p.params.logprobs)
+        return tokens

@@ -23,6 +23,9 @@ class SamplingParams:
     `min_p`: drop tokens below min_p x the top probability. `repetition_penalty`: > 1 discourages
     tokens already in the prompt or output. `seed`: makes the request's draws reproducible.
     `stop` / `stop_token_ids`: strings / ids that end the output. `ignore_eos`: keep going past EOS.
+    `logprobs`: record each output token's log probability under the model (log-softmax of the raw
+    logits, before any filter, as OpenAI's API and vLLM report it) and the `logprobs` most likely
+    alternatives (0..20; None = do not record).
     Lists given for `stop` or `stop_token_ids` are stored as tuples.
     """
 
@@ -36,6 +39,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         for name in ("stop", "stop_token_ids"):
@@ -72,6 +76,8 @@ class SamplingParams:
         _check("stop_token_ids", self.stop_token_ids,
                isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                "a tuple of token ids >= 0", "pass integer token ids, e.g. stop_token_ids=(2,)")
+        _check("logprobs", self.logprobs, self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+               "an integer from 0 to 20 or None", "ask for at most 20 alternatives, e.g. logprobs=5")
         return self
 
 
@@ -217,3 +223,11 @@ def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
         if index != -1 and (best == -1 or index < best):
             best = index
     return best
+
+
+def logprob_entry(logprobs: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`logprobs` [vocab] (a log-softmax row): the chosen token's log probability and the `k` most likely
+    (token id, log probability) pairs, most likely first."""
+    top = logprobs.topk(k) if k > 0 else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(logprobs[token]), alternatives
