@@ -152,6 +152,7 @@ class Kernel(MemoryHooks):
         self.processes: dict[int, Process] = {}
         self.streams: dict[int, Stream] = {}
         self._pids = itertools.count(1)
+        self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
         self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
         self.steps = 0
@@ -192,8 +193,20 @@ class Kernel(MemoryHooks):
     def _live(self, owner: str) -> list[Process]:
         return [p for p in self.processes.values() if p.owner == owner and not p.is_finished]
 
+    def set_owner_limits(self, owner: str, max_processes: int | None = None, max_blocks: int | None = None) -> None:
+        """Per-owner limits that override KernelConfig's defaults for `owner` (None: the default)."""
+        _check_limit("max_processes", max_processes)
+        _check_limit("max_blocks", max_blocks)
+        with self.lock:
+            self.owner_limits[owner] = (max_processes, max_blocks)
+
+    def _limits(self, owner: str) -> tuple[int | None, int | None]:
+        procs, blocks = self.owner_limits.get(owner, (None, None))
+        return (procs if procs is not None else self.config.max_processes_per_owner,
+                blocks if blocks is not None else self.config.max_blocks_per_owner)
+
     def _check_process_quota(self, owner: str, new: int) -> None:
-        limit = self.config.max_processes_per_owner
+        limit = self._limits(owner)[0]
         if limit is not None and len(self._live(owner)) + new > limit:
             raise QuotaExceededError(f"owner {owner!r} already has {len(self._live(owner))} live processes and the "
                                      f"limit is {limit}; wait for one to finish or kill one (`llmos kill PID`).")
@@ -205,7 +218,7 @@ class Kernel(MemoryHooks):
 
     def may_admit(self, p: Process, num_tokens: int) -> bool:
         """Scheduler hook: may `p` hold blocks for `num_tokens` tokens under its owner's block limit?"""
-        limit = self.config.max_blocks_per_owner
+        limit = self._limits(p.owner)[1]
         if limit is None:
             return True
         bm = self.block_manager
@@ -282,7 +295,7 @@ class Kernel(MemoryHooks):
                 raise OutOfBlocksError(
                     f"this request needs up to {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
                     "lower max_tokens or the prompt length, or give the kernel more KV memory (--kv-memory).")
-            limit = self.config.max_blocks_per_owner
+            limit = self._limits(owner)[1]
             if limit is not None and need > limit:
                 raise QuotaExceededError(f"this request needs up to {need} KV blocks but owner {owner!r} may hold "
                                          f"at most {limit}; lower max_tokens or the prompt length.")
