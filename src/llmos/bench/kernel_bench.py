@@ -34,7 +34,7 @@ def _greedy(n: int) -> SamplingParams:
 
 
 def prefix_cache_run(model_dir: Path, enable: bool, requests: int = 16, system_tokens: int = 1000,
-                     question_tokens: int = 24, max_tokens: int = 8, seed: int = 0) -> dict:
+                     question_tokens: int = 16, max_tokens: int = 8, seed: int = 0) -> dict:
     """`requests` requests sharing one `system_tokens`-token system prompt, each with its own question, sent one
     after another (each when the previous has finished, as a chat front end does). Returns each request's
     time to first token (s), outputs, and the prefix-cache counters."""
@@ -94,18 +94,19 @@ def fork_benchmark(model_dir: Path, **kw) -> dict:
     return {**runs, "ratio": runs["fork"]["peak_blocks"] / runs["independent"]["peak_blocks"]}
 
 
-def fairness_real_run(model_dir: Path, policy: str, heavy: int = 60, light: int = 6, prompt_tokens: int = 48,
-                      max_tokens: int = 48, seed: int = 0) -> dict:
+def fairness_real_run(model_dir: Path, policy: str, heavy: int = 60, light: int = 6, prompt_tokens: int = 64,
+                      max_tokens: int = 64, seed: int = 0) -> dict:
     """The real kernel, two owners at t=0: "heavy" sends `heavy` requests, "light" `light` (10x fewer), four
-    seats. Per step, each owner's served service (prefill tokens x 1 + decode tokens x 2, VTC's weights);
+    seats; prompt and output lengths uniform in [8, prompt_tokens] and [8, max_tokens]. Per step, each owner's
+    served service (prefill tokens x 1 + decode tokens x 2, VTC's weights);
     returns the largest difference of cumulative service while both owners had unfinished requests, and
     the VTC bound 2U (`llmos.kernel.sched.vtc_bound`)."""
     kernel = Kernel(model_dir, KernelConfig(kv_memory="256MiB", policy=policy, max_num_seqs=4,
                                             max_num_batched_tokens=256, enable_prefix_cache=False))
     vocab = kernel.model_config.vocab_size
     rng = random.Random(seed)
-    procs = [kernel.spawn(_ids(rng, prompt_tokens, vocab), _greedy(max_tokens), owner="heavy") for _ in range(heavy)]
-    procs += [kernel.spawn(_ids(rng, prompt_tokens, vocab), _greedy(max_tokens), owner="light") for _ in range(light)]
+    procs = [kernel.spawn(_ids(rng, rng.randint(8, prompt_tokens), vocab), _greedy(rng.randint(8, max_tokens)),
+                          owner=owner) for owner, count in (("heavy", heavy), ("light", light)) for _ in range(count)]
     served = {"heavy": 0.0, "light": 0.0}
     done = {p.pid: 0 for p in procs}
     diffs = []
