@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 import llmos
 from llmos import fs
+from llmos.cli.user_cmd import user_app
 from llmos.errors import InvalidRequestError, LlmosError
 
 if TYPE_CHECKING:
@@ -443,6 +444,7 @@ def notice(message: str) -> None:
 
 models_app = typer.Typer(help="List, add and remove models.", pretty_exceptions_enable=False)
 app.add_typer(models_app, name="models")
+app.add_typer(user_app, name="user")  # llmos user add | list | rm | key | keys | revoke | quota (cli/user_cmd.py)
 
 
 @models_app.callback(invoke_without_command=True)
