@@ -85,6 +85,8 @@ LAZY_COMMANDS = [
      "List your hibernated processes (live ones are in `llmos sh` until the daemon exists)."),
     ("resume", "llmos.cli.shell", "resume_command",
      "Continue a hibernated process, streaming the rest of its text."),
+    ("serve", "llmos.cli.serve_cmd", "serve_command",
+     "Run the daemon: OpenAI/Ollama-compatible APIs, the process API, /metrics and the web desktop."),
 ]
 
 

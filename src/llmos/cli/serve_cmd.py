@@ -1,0 +1,74 @@
+"""`llmos serve`: run the daemon (the kernel behind HTTP) with uvicorn.
+
+Owns the command-line surface of `llmos.server.app.create_app`. Never contains server logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmos.errors import InvalidRequestError
+
+
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs users with "
+                                                     "API keys (`llmos user add`).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="A model to load at start-up: a name from `llmos models` or a checkpoint directory "
+                              "(served under its directory name); repeatable. Others load on first use.")] = None,
+    kv_memory: Annotated[str, typer.Option("--kv-memory", help="Each model's KV pool: bytes, a size such as 2GiB, "
+                                                                "or a fraction of free memory.")] = "0.25",
+    swap_memory: Annotated[str, typer.Option("--swap-memory", help="Each model's host swap for preempted and "
+                                                                    "suspended processes; 0 = none.")] = "256MiB",
+    policy: Annotated[str, typer.Option("--policy", help="Scheduling policy: fcfs, priority or fair.")] = "fair",
+    models_memory: Annotated[Optional[str], typer.Option(
+        "--models-memory", help="Bytes of models resident at once (weights + KV + swap), e.g. 8GiB; idle models "
+                                "are unloaded to make room. Default: no limit.")] = None,
+    keep_alive: Annotated[float, typer.Option(
+        "--keep-alive", help="Seconds an idle model stays loaded (requests may override); < 0 = forever.")] = 300.0,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 4 * 2**20,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the llmos daemon: OpenAI- and Ollama-compatible APIs, the native process API, sessions, /metrics
+    and the web desktop at http://HOST:PORT/. Ctrl-C or SIGTERM shuts it down gracefully."""
+    import uvicorn
+
+    from llmos.fs.users import UserStore
+    from llmos.kernel.kernel import KernelConfig
+    from llmos.kernel.kvcache import parse_memory_budget
+    from llmos.server.app import ServerSettings, create_app, is_loopback
+
+    if not 0 < port < 65536:
+        raise InvalidRequestError(f"--port {port} is not a TCP port; use 1-65535.")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise InvalidRequestError(f"--log-level {log_level!r}: use debug, info, warning or error.")
+    if not is_loopback(host) and not UserStore().has_users():
+        raise InvalidRequestError(f"refusing to listen on {host} without API keys: anyone who can reach it could "
+                                  "use it. Add a user first (`llmos user add NAME --role admin`), or bind to "
+                                  "127.0.0.1.")
+    if max_body < 1024:
+        raise InvalidRequestError("--max-body must be at least 1024 bytes.")
+    dirs, names = [], []
+    for m in model or []:
+        path = Path(m).expanduser()
+        if path.is_dir():
+            dirs.append(path)
+            names.append(path.resolve().name)
+        else:
+            names.append(m)
+    kernel = KernelConfig(kv_memory=kv_memory, swap_memory=swap_memory, policy=policy)
+    if policy not in ("fcfs", "priority", "fair"):
+        raise InvalidRequestError(f"--policy {policy!r}: use fcfs, priority or fair.")
+    parse_memory_budget(kv_memory)  # fail now, not at the first request
+    settings = ServerSettings(host=host, port=port, models=dirs, preload=names, kernel=kernel,
+                              models_memory=parse_memory_budget(models_memory) if models_memory else None,
+                              keep_alive_s=None if keep_alive < 0 else keep_alive, max_body_bytes=max_body)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    typer.echo(f"llmos serving on http://{host}:{port}/ (API docs at /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

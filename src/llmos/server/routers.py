@@ -1,0 +1,22 @@
+"""The daemon's routers, one module each; `create_app` includes them all.
+
+Owns only the list. Each module named here defines `router` (a FastAPI APIRouter)."""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES = ("openai_api", "ollama_api", "native_api", "sessions", "metrics", "desktop")
+
+
+def all_routers() -> list:
+    routers = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(f"llmos.server.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"llmos.server.{name}":
+                raise
+            continue  # not built yet
+        routers.append(module.router)
+    return routers

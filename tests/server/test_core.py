@@ -1,0 +1,59 @@
+"""The daemon's core: start-up in single-user mode, /health, the JSON error format, the body limit, and the
+model manager (load on demand, unload, pin, keep-alive)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from llmos.errors import InvalidRequestError, ModelLoadError
+from llmos.kernel.kernel import KernelConfig
+from llmos.server.models import ModelManager
+
+
+def test_health_and_single_user_mode(server):
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["single_user"] is True
+    assert server.settings.preload[0] in body["models"]
+
+
+def test_unknown_route_is_a_json_404(server):
+    r = httpx.get(server.url + "/no/such/thing")
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "not_found"
+
+
+def test_oversized_body_is_413_json(server):
+    r = httpx.post(server.url + "/health", content=b"x" * (server.settings.max_body_bytes + 1),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "request_too_large"
+
+
+def test_model_manager_loads_unloads_pins_and_expires(tiny_model_dir, llmos_home):
+    mm = ModelManager(KernelConfig(kv_memory="8MiB", swap_memory=0), keep_alive_s=0.5,
+                      extra={"t": tiny_model_dir})
+    try:
+        with pytest.raises(ModelLoadError, match="not found"):
+            mm.get("nope")
+        r = mm.get("t")
+        assert [m["name"] for m in mm.loaded()] == ["t"] and r.nbytes > 0
+        deadline = time.monotonic() + 10
+        while mm.loaded() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert mm.loaded() == [], "an idle model unloads after its keep-alive"
+        mm.pin("t")
+        time.sleep(1.5)
+        assert [m["name"] for m in mm.loaded()] == ["t"], "a pinned model stays"
+        assert mm.unload("t") and not mm.unload("t")
+        small = ModelManager(KernelConfig(kv_memory="8MiB", swap_memory=0), memory_budget=1024,
+                             extra={"t": tiny_model_dir})
+        with pytest.raises(InvalidRequestError, match="memory budget"):
+            small.get("t")
+        small.shutdown()
+    finally:
+        mm.shutdown()
