@@ -47,3 +47,9 @@ def make_model_dir(path, family="llama", seed=0, max_positions=256):
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer Llama with random weights and a 300-token byte-level BPE tokenizer."""
     return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def model_factory():
+    """`make_model_dir` for tests that need a second checkpoint (no `from conftest import`: names clash)."""
+    return make_model_dir

@@ -286,9 +286,8 @@ def test_hibernate_survives_a_restart_and_refuses_corrupt_images(tiny_model_dir,
     assert not path.exists(), "a restored image is consumed"
 
 
-def test_hibernate_refused_by_another_model(tiny_model_dir, tmp_path, tmp_path_factory):
-    from conftest import make_model_dir
-    other = make_model_dir(tmp_path_factory.mktemp("other-llama"), seed=1)
+def test_hibernate_refused_by_another_model(tiny_model_dir, tmp_path, tmp_path_factory, model_factory):
+    other = model_factory(tmp_path_factory.mktemp("other-llama"), seed=1)
     k = make(tiny_model_dir, tmp_path)
     p = k.spawn(ids(20, 1), SamplingParams(max_tokens=8, **GREEDY))
     k.step()
@@ -462,3 +461,11 @@ def test_logprobs_match_transformers(tiny_model_dir, tmp_path):
         assert [t for t, _ in top] == row.topk(4).indices.tolist()
     with pytest.raises(InvalidRequestError, match="logprobs"):
         k.spawn("hi", SamplingParams(logprobs=21))
+
+
+def test_ended_processes_are_reaped_past_keep_finished(tiny_model_dir, tmp_path):
+    k = make(tiny_model_dir, tmp_path, keep_finished=3)
+    pids = [k.spawn(ids(5, s), SamplingParams(max_tokens=2, **GREEDY)).pid for s in range(6)]
+    k.run_until_done()
+    assert sorted(k.processes) == pids[-3:]
+    assert len(k.ps(all=True)) == 3

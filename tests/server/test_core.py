@@ -57,3 +57,21 @@ def test_model_manager_loads_unloads_pins_and_expires(tiny_model_dir, llmos_home
         small.shutdown()
     finally:
         mm.shutdown()
+
+
+def test_metrics_after_a_generation(server):
+    from llmos.model.sampling import SamplingParams
+    r = server.state.models.get(server.settings.preload[0])
+    p = r.kernel.spawn([5, 6, 7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), owner="local")
+    r.engine.wake()
+    deadline = time.monotonic() + 20
+    while not p.is_finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    text = httpx.get(server.url + "/metrics").text
+    model = server.settings.preload[0]
+    assert f'llmos_kv_blocks{{model="{model}",state="used"}}' in text
+    assert "llmos_queue_depth" in text and "llmos_running_processes" in text
+    assert f'llmos_generated_tokens_total{{model="{model}",owner="local"}}' in text
+    assert f'llmos_time_to_first_token_seconds_count{{model="{model}"}}' in text
+    assert "llmos_inter_token_latency_seconds_bucket" in text

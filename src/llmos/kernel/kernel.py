@@ -60,7 +60,8 @@ class KernelConfig:
     this many tokens while others wait (round robin; None = off). `enable_prefix_cache`: share full
     blocks of identical prompt prefixes within an owner. `max_processes_per_owner` /
     `max_blocks_per_owner`: per-owner limits (None = none). `hibernate_dir`: where hibernated processes
-    go (default LLMOS_HOME).
+    go (default LLMOS_HOME). `keep_finished`: ended processes kept for `ps -a` and late readers; older
+    ones are reaped (a long-running daemon's process table stays bounded).
     """
 
     kv_memory: str | int | float = "0.25"
@@ -76,6 +77,7 @@ class KernelConfig:
     device: str | None = None
     dtype: str | None = None
     hibernate_dir: str | None = None
+    keep_finished: int = 1024
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Kernel(MemoryHooks):
         self.streams: dict[int, Stream] = {}
         self._pids = itertools.count(1)
         self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
+        self._ended: deque[int] = deque()  # pids of ended processes, oldest first (reaped past keep_finished)
         self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
         self.steps = 0
@@ -579,6 +582,11 @@ class Kernel(MemoryHooks):
         self.scheduler.remove(p)
         self.runner.release(p.pid)
         self._pending_forks.pop(p.pid, None)
+        self._ended.append(p.pid)
+        while len(self._ended) > max(0, self.config.keep_finished):  # reap the oldest ended processes
+            old = self._ended.popleft()
+            self.processes.pop(old, None)
+            self.streams.pop(old, None)
 
     # ---- observability -------------------------------------------------------------------------
 

@@ -328,8 +328,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     from llmos.server import routers
 
-    for router in routers.all_routers():
-        app.include_router(router)
+    for module in routers.all_modules():
+        app.include_router(module.router)
+        if hasattr(module, "setup"):
+            module.setup(state)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -45,7 +45,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"llmos-engine-{name}", daemon=True)
         self.last_used = time.monotonic()
         self.steps_failed = 0
-        self.on_step = None  # optional callable(kernel, tokens) run on the engine thread after every step
+        self.step_hooks: list = []  # callables(kernel, tokens) run on the engine thread after every step
 
     def start(self) -> Engine:
         self._thread.start()
@@ -83,11 +83,11 @@ class Engine:
                         if not p.is_finished:
                             self.kernel.kill(p.pid)
                 tokens = 0
-            if self.on_step is not None:
+            for hook in self.step_hooks:
                 try:
-                    self.on_step(self.kernel, tokens)
+                    hook(self.kernel, tokens)
                 except Exception:
-                    log.exception("on_step hook failed")
+                    log.exception("step hook failed")
             self.last_used = time.monotonic()
             self._notify()
 

@@ -65,8 +65,8 @@ class ModelManager:
     memory_budget: int | None = None
     keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S
     extra: dict[str, Path] = field(default_factory=dict)
-    on_load: object = None
-    on_unload: object = None
+    on_load: list = field(default_factory=list)  # callables(resident) run after a model loads
+    on_unload: list = field(default_factory=list)  # callables(resident) run after a model unloads
 
     def __post_init__(self) -> None:
         self.resident: dict[str, Resident] = {}
@@ -131,8 +131,8 @@ class ModelManager:
         r = Resident(name, path, engine, nbytes, time.time(), self.keep_alive_s)
         self.resident[name] = r
         log.info("loaded model %s from %s (%.1f MiB) in %.1f s", name, path, nbytes / 2**20, time.monotonic() - t0)
-        if callable(self.on_load):
-            self.on_load(r)
+        for hook in self.on_load:
+            hook(r)
         return r
 
     def _make_room(self, nbytes: int, name: str) -> None:
@@ -158,8 +158,8 @@ class ModelManager:
         if r is None:
             return False
         r.engine.stop()
-        if callable(self.on_unload):
-            self.on_unload(r)
+        for hook in self.on_unload:
+            hook(r)
         del r
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

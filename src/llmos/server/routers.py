@@ -1,6 +1,7 @@
 """The daemon's routers, one module each; `create_app` includes them all.
 
-Owns only the list. Each module named here defines `router` (a FastAPI APIRouter)."""
+Owns only the list. Each module named here defines `router` (a FastAPI APIRouter) and may define
+`setup(state: ServerState)`, called once when the app is created (e.g. to hook the model manager)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import importlib
 MODULES = ("openai_api", "ollama_api", "native_api", "sessions", "metrics", "desktop")
 
 
-def all_routers() -> list:
-    routers = []
+def all_modules() -> list:
+    modules = []
     for name in MODULES:
         try:
             module = importlib.import_module(f"llmos.server.{name}")
@@ -18,5 +19,5 @@ def all_routers() -> list:
             if err.name != f"llmos.server.{name}":
                 raise
             continue  # not built yet
-        routers.append(module.router)
-    return routers
+        modules.append(module)
+    return modules
