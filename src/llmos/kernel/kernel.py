@@ -478,6 +478,46 @@ class Kernel(MemoryHooks):
         """The owner's hibernated processes on disk (newest last)."""
         return self._store().list(owner)
 
+    def warm_prefix(self, token_ids: list[int], kv: torch.Tensor, owner: str = "local") -> int:
+        """Put K/V computed earlier for `token_ids` (e.g. a chat session saved to disk before a restart) into
+        the prefix cache under `owner`'s salt, so that a later prompt of `owner` starting with these tokens hits
+        them instead of computing them.
+
+        `kv`: [num_layers, 2, num_blocks, kv_block_size, num_kv_heads, head_dim] (HibernationImage.kv's layout;
+        any block size), the K/V of the leading tokens of `token_ids` in order. Only full blocks of this pool are
+        cached: blocks are allocated, written, committed under their chain hashes and freed, so they sit in the
+        cache (reclaimable like any cached block). Blocks already cached are reused, not rewritten; the prefix
+        cache's query and hit counters are left as they were (warming is not a lookup).
+        Returns the leading full blocks of `token_ids` now cached (0 with the prefix cache off, or when the
+        pool has no room for them). Raises ValueError when `kv`'s layers, heads or head_dim are not this pool's.
+        """
+        layers, _, blocks, kv_block_size, heads, head_dim = kv.shape
+        pool, bm = self.pool, self.block_manager
+        if (layers, heads, head_dim) != (pool.num_layers, pool.num_kv_heads, pool.head_dim):
+            raise ValueError(f"warm_prefix: K/V for {layers} layers x {heads} heads x {head_dim}, but the pool holds "
+                             f"{pool.num_layers} x {pool.num_kv_heads} x {pool.head_dim}")
+        with self.lock:
+            bs = bm.block_size
+            n = min(blocks * kv_block_size, len(token_ids)) // bs
+            if not bm.enable_prefix_cache or n == 0:
+                return 0
+            ids, pid = list(token_ids[:n * bs]), -1  # a pseudo pid: no process has a negative one
+            counters = bm.prefix_queries, bm.prefix_hits
+            hit = bm.allocate_prefix(pid, ids, n * bs, salt=owner)  # owner: the salt cache_salt gives its processes
+            bm.prefix_queries, bm.prefix_hits = counters
+            if hit is None:
+                return 0
+            try:
+                first = hit // bs
+                self._apply_ops()  # pending moves read their blocks before these are written
+                tokens = kv.reshape(layers, 2, blocks * kv_block_size, heads, head_dim)[:, :, first * bs:n * bs]
+                tokens = tokens.reshape(layers, 2, n - first, bs, heads, head_dim)
+                pool.write_blocks(bm.block_table(pid)[first:n], tokens)
+                bm.commit(pid, ids, n * bs, salt=owner)
+            finally:
+                bm.free(pid)
+            return n
+
     def _live_process(self, pid: int, owner: str | None, what: str) -> Process:
         p = self.get(pid, owner)
         if p.is_finished:
