@@ -469,3 +469,15 @@ def test_ended_processes_are_reaped_past_keep_finished(tiny_model_dir, tmp_path)
     k.run_until_done()
     assert sorted(k.processes) == pids[-3:]
     assert len(k.ps(all=True)) == 3
+
+
+def test_seeded_parallel_samples_are_reproducible_across_requests(tiny_model_dir, tmp_path):
+    k = make(tiny_model_dir, tmp_path)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=42, ignore_eos=True)
+
+    def sample():
+        p = k.spawn(ids(15, 8), params, n=3)
+        k.run_until_done()
+        return [p.output_token_ids] + [k.processes[c].output_token_ids for c in k.children(p.pid)]
+    first, second = sample(), sample()
+    assert first == second and len({tuple(o) for o in first}) > 1

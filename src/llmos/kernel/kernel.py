@@ -155,6 +155,7 @@ class Kernel(MemoryHooks):
         self.streams: dict[int, Stream] = {}
         self._pids = itertools.count(1)
         self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
+        self._fork_counts: dict[int, int] = {}  # pid -> children forked from it so far
         self._ended: deque[int] = deque()  # pids of ended processes, oldest first (reaped past keep_finished)
         self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
@@ -359,7 +360,11 @@ class Kernel(MemoryHooks):
 
     def _fork_one(self, p: Process, index: int) -> Process:
         bm = self.block_manager
-        seed = None if p.params.seed is None else (p.params.seed * 1_000_003 + p.pid * 4099 + index + 1) % 2**63
+        # The k-th child of a seeded parent (k counts every fork of it) gets a seed from the parent's seed and k
+        # alone, so the same request with the same seed gives the same n samples whatever its pid.
+        k = self._fork_counts.get(p.pid, 0)
+        self._fork_counts[p.pid] = k + 1
+        seed = None if p.params.seed is None else (p.params.seed * 1_000_003 + k + 1) % 2**63
         c = Process(pid=next(self._pids), owner=p.owner, model=p.model, prompt_token_ids=p.prompt_token_ids,
                     params=replace(p.params, seed=seed), priority=p.priority, parent=p.pid,
                     output_token_ids=list(p.output_token_ids))
@@ -622,6 +627,7 @@ class Kernel(MemoryHooks):
         self.scheduler.remove(p)
         self.runner.release(p.pid)
         self._pending_forks.pop(p.pid, None)
+        self._fork_counts.pop(p.pid, None)
         self._ended.append(p.pid)
         while len(self._ended) > max(0, self.config.keep_finished):  # reap the oldest ended processes
             old = self._ended.popleft()
