@@ -75,3 +75,15 @@ def test_metrics_after_a_generation(server):
     assert f'llmos_generated_tokens_total{{model="{model}",owner="local"}}' in text
     assert f'llmos_time_to_first_token_seconds_count{{model="{model}"}}' in text
     assert "llmos_inter_token_latency_seconds_bucket" in text
+
+
+def test_a_json_body_without_a_json_content_type_is_read_as_json(server):
+    model = server.settings.preload[0]
+    for ctype in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = {"content-type": ctype} if ctype else {}
+        r = httpx.post(server.url + "/v1/completions", headers=headers,
+                       content=b'{"model": "%s", "prompt": "hi", "max_tokens": 2}' % model.encode())
+        assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/completions", content=b"model=x&prompt=y",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -291,6 +291,25 @@ class _TooLarge(Exception):
     pass
 
 
+class JsonBodies:
+    """ASGI middleware: a POST to the APIs (/v1, /api) without a JSON content type (e.g. `curl -d '{...}'`, which
+    says form-urlencoded, as Ollama's own examples do) is read as JSON; invalid JSON is then a 400 as usual."""
+
+    FORM_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") \
+                and scope["path"].startswith(("/v1/", "/api/")):
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+            ctype = dict(scope.get("headers", ())).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype in self.FORM_TYPES:
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        return await self.app(scope, receive, send)
+
+
 # ---- the app ----------------------------------------------------------------------------------------
 
 
@@ -332,6 +351,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.include_router(module.router)
         if hasattr(module, "setup"):
             module.setup(state)
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 
