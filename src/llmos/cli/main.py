@@ -1,8 +1,9 @@
 """The shell: `llmos run | chat | models | train | bench`, built on typer and rich.
 
 Owns argument parsing and terminal output. Never holds model, kernel or training logic: every generation
-goes through `llmos.kernel.syscalls` on an in-process Kernel. torch is imported only when a command runs,
-so `llmos --help` stays fast. A user error (`LlmosError`) prints one `error: ...` line and exits 2.
+goes through `llmos.kernel.syscalls` on an in-process Kernel, or to a running daemon (cli/remote_cmd.py). torch
+is imported only when a command runs, so `llmos --help` stays fast. A user error (`LlmosError`) prints one
+`error: ...` line and exits 2.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class LazyCommand(click.Command):
     def real(self) -> click.Command:
         command = getattr(importlib.import_module(self.module), self.function)
         single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        single.command(self.name)(command)  # its own --help shows the function's docstring
+        # Its own --help shows the function's docstring; a `context_settings` attribute reaches its parser (`nice`).
+        single.command(self.name, context_settings=getattr(command, "context_settings", None))(command)
         return typer.main.get_command(single)
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
@@ -81,10 +83,19 @@ LAZY_COMMANDS = [
      "Benchmark serving throughput and latency: the llmos kernel against transformers."),
     ("sh", "llmos.cli.shell", "sh_command",
      "A kernel shell: spawn, ps, top, kill, suspend, resume, hibernate, nice, fork processes on one kernel."),
-    ("ps", "llmos.cli.shell", "ps_command",
-     "List your hibernated processes (live ones are in `llmos sh` until the daemon exists)."),
-    ("resume", "llmos.cli.shell", "resume_command",
-     "Continue a hibernated process, streaming the rest of its text."),
+    ("ps", "llmos.cli.remote_cmd", "ps_command",
+     "List processes: the daemon's live ones and your hibernated ones."),
+    ("top", "llmos.cli.remote_cmd", "top_command",
+     "Watch the daemon's kernels: memory, prefix cache, processes."),
+    ("kill", "llmos.cli.remote_cmd", "kill_command", "End a process on the daemon."),
+    ("suspend", "llmos.cli.remote_cmd", "suspend_command", "Stop scheduling a process on the daemon."),
+    ("resume", "llmos.cli.remote_cmd", "resume_command",
+     "Resume a suspended process, or continue a hibernated one, streaming the rest of its text."),
+    ("hibernate", "llmos.cli.remote_cmd", "hibernate_command",
+     "Write a process on the daemon to disk; prints its image id."),
+    ("nice", "llmos.cli.remote_cmd", "nice_command", "Set the nice level of a process on the daemon."),
+    ("fork", "llmos.cli.remote_cmd", "fork_command",
+     "Fork a process on the daemon; prints the children's pids."),
     ("serve", "llmos.cli.serve_cmd", "serve_command",
      "Run the daemon: OpenAI/Ollama-compatible APIs, the process API, /metrics and the web desktop."),
 ]
@@ -166,6 +177,8 @@ KVMemory = Annotated[str, typer.Option(
 Device = Annotated[Optional[str], typer.Option(
     "--device", help="cpu, cuda or cuda:N; default: cuda when available.", show_default=False,
     rich_help_panel=KERNEL)]
+Local = Annotated[bool, typer.Option(
+    "--local", help="Run in-process even when a daemon answers (at LLMOS_HOST, default 127.0.0.1:8000).")]
 
 
 def sampling_params(**fields: Any) -> SamplingParams:
@@ -216,19 +229,29 @@ def run(
     kv_memory: KVMemory = "0.25",
     device: Device = None,
     stats: Annotated[bool, typer.Option(
-        "--stats/--no-stats", help="Print token counts, TTFT and tokens/s on stderr at the end.")] = True,
+        "--stats/--no-stats", help="Print on stderr where it runs (daemon or in-process) and, at the end, token "
+        "counts, TTFT and tokens/s.")] = True,
     hibernate_after: Annotated[Optional[int], typer.Option(
         "--hibernate-after", min=1, help="After N output tokens, hibernate the process to disk and print its image "
         "id on stderr (continue it with `llmos resume HID`).", show_default=False)] = None,
+    local: Local = False,
 ) -> None:
-    """Continue a prompt with a model, streaming the text to stdout as it is generated."""
-    from llmos.kernel import syscalls
+    """Continue a prompt with a model, streaming the text to stdout as it is generated.
+
+    It runs on the llmos daemon when one answers (LLMOS_HOST, default 127.0.0.1:8000), else in-process."""
+    from llmos.cli import remote_cmd
 
     text = read_prompt(prompt, prompt_file)
     params = sampling_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+    link = remote_cmd.connect(local, quiet=not stats)
+    if link.client is not None:
+        return remote_cmd.run(link, text, params, model, stats, hibernate_after)
+    from llmos.kernel import syscalls
+
     kernel = start_kernel(model, kv_memory, device)
     pid = syscalls.spawn(kernel, text, params)
+    link.say()
     if hibernate_after is not None:
         from llmos.cli.shell import run_and_hibernate
         if not run_and_hibernate(kernel, pid, hibernate_after):
@@ -367,11 +390,20 @@ def chat(
     ignore_eos: IgnoreEos = False,
     kv_memory: KVMemory = "0.25",
     device: Device = None,
+    local: Local = False,
 ) -> None:
-    """Talk with a model: type a message, read the streamed reply. /help lists the commands."""
+    """Talk with a model: type a message, read the streamed reply. /help lists the commands.
+
+    With an llmos daemon running (LLMOS_HOST, default 127.0.0.1:8000) the conversation is a session kept there."""
+    from llmos.cli import remote_cmd
+
     params = sampling_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+    link = remote_cmd.connect(local)
+    if link.client is not None:
+        return remote_cmd.chat(link, model, system, params)
     kernel = start_kernel(model, kv_memory, device)
+    link.say()
     if not kernel.tokenizer.has_chat_template:
         params = dataclasses.replace(params, stop=(*params.stop, PLAIN_CHAT_STOP))
     session = ChatSession(kernel, params, system)
@@ -450,10 +482,14 @@ app.add_typer(user_app, name="user")  # llmos user add | list | rm | key | keys 
 
 
 @models_app.callback(invoke_without_command=True)
-def models(ctx: typer.Context) -> None:
-    """List the bundled default model and the registered ones (`llmos models add DIR` registers one)."""
+def models(ctx: typer.Context, local: Local = False) -> None:
+    """List the bundled default model and the registered ones (`llmos models add DIR` registers one).
+
+    With an llmos daemon running, also which are loaded there and the memory each holds."""
     if ctx.invoked_subcommand is None:
-        out.print(models_table())
+        from llmos.cli import remote_cmd
+
+        out.print(remote_cmd.models_listing(local))
 
 
 @models_app.command("add")
@@ -474,13 +510,20 @@ def models_rm(name: Annotated[str, typer.Argument(help="A registered model name.
     out.print(f"removed [bold]{entry.name}[/] ({entry.path} is untouched)")
 
 
-def models_table() -> Table:
-    table = Table("name", "family", "parameters", "size", "path", box=None, header_style="bold")
+def model_rows() -> list[tuple[str, Path]]:
+    """(name, directory) of the bundled model and of every registered one. Raises `RegistryError`."""
+    return [(fs.DEFAULT_MODEL_NAME, fs.default_model_dir())] + [(e.name, e.path) for e in fs.list_models()]
+
+
+def models_table(rows: list[tuple[str, Path | None]], loaded: list[tuple[str, str]] | None = None) -> Table:
+    """The `llmos models` table of (name, directory or None when unknown) rows; `loaded`, one (loaded, memory)
+    pair per row from a daemon, adds those two columns."""
+    columns = ("name", "family", "parameters", "size", "path") + (("loaded", "memory") if loaded is not None else ())
+    table = Table(*columns, box=None, header_style="bold")
     table.columns[4].overflow = "fold"
-    rows = [(fs.DEFAULT_MODEL_NAME, fs.default_model_dir())]
-    rows += [(entry.name, entry.path) for entry in fs.list_models()]
-    for name, path in rows:
-        table.add_row(name, *describe(path), str(path))
+    for i, (name, path) in enumerate(rows):
+        described = (*describe(path), str(path)) if path is not None else ("-", "-", "-", "-")
+        table.add_row(name, *described, *(loaded[i] if loaded is not None else ()))
     return table
 
 

@@ -1,5 +1,6 @@
 """The kernel shell: `llmos sh` (a command loop around one in-process Kernel: spawn, ps, top, kill, suspend,
-resume, hibernate, nice, fork ...), and the top-level `llmos ps` and `llmos resume` for hibernated processes.
+resume, hibernate, nice, fork ...), the in-process `llmos resume HID`, and the ps / top / memory tables that the
+top-level verbs (cli/remote_cmd.py) also show for a daemon.
 
 Owns reading shell lines (shlex splits them, a typer command group parses each command) and rendering processes and memory.
 Never holds kernel logic: every process operation is a `llmos.kernel.syscalls` call; the shell only drives
@@ -11,7 +12,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -590,20 +591,7 @@ def sh_command(
         raise typer.Exit(status)
 
 
-# ---- top-level ps and resume (hibernated processes; live ones need `llmos sh` until the daemon exists) ----
-
-OwnerOpt = Annotated[str, typer.Option("--owner", help="Whose hibernated processes.")]
-
-
-def ps_command(owner: OwnerOpt = "local") -> None:
-    """List your hibernated processes on disk (`llmos sh` shows live ones until the daemon exists)."""
-    images = default_store().list(owner)
-    notice("live processes exist only inside a kernel: `llmos sh` shows them (its `ps`) until the daemon exists; "
-           "these are the hibernated ones, `llmos resume HID` continues one")
-    if images:
-        out.print(hibernated_table(images))
-    else:
-        notice(f"no hibernated processes of owner {owner!r}")
+# ---- the in-process half of the top-level `llmos resume HID` (cli/remote_cmd.py picks it without a daemon) ----
 
 
 def image_model(hid: str, owner: str) -> Path:
@@ -626,25 +614,14 @@ def image_model(hid: str, owner: str) -> Path:
                          "registered one; pass --model with its checkpoint directory.")
 
 
-def resume_command(
-    hid: Annotated[str, typer.Argument(help="The image id (`llmos ps` lists them).", show_default=False)],
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="The model it ran on (default: found by name among the bundled and registered ones).",
-        show_default=False)] = None,
-    owner: OwnerOpt = "local",
-    max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", min=1, help="Run at most N kernel steps, then hibernate it again.", show_default=False)] = None,
-    hibernate_after: Annotated[Optional[int], typer.Option(
-        "--hibernate-after", min=1, help="After N more output tokens, hibernate it again.", show_default=False)] = None,
-    kv_memory: KVMemory = "0.25",
-    device: Device = None,
-    stats: Annotated[bool, typer.Option(
-        "--stats/--no-stats", help="Print token counts and tokens/s on stderr at the end.")] = True,
-) -> None:
-    """Continue a hibernated process: restore it and stream the rest of its text to stdout."""
+def resume_local(hid: str, model: str | None, owner: str, max_steps: int | None, hibernate_after: int | None,
+                 kv_memory: str, device: str | None, stats: bool, say: Callable[[], None] = lambda: None) -> None:
+    """`llmos resume HID` in-process: restore image `hid` of `owner` on an in-process kernel and stream the rest of
+    its text to stdout (the options are `llmos resume`'s). `say()` prints where it runs, once it is restored."""
     model_dir = fs.resolve_model(model) if model is not None else image_model(hid, owner)
     kernel = load_kernel(str(model_dir), KernelConfig(kv_memory=kv_memory, device=device, max_num_seqs=1))
     pid = syscalls.restore(kernel, hid, owner)
+    say()
     before = process_row(kernel, pid, owner)["output_tokens"]
     t0 = time.perf_counter()
     if not stream_until(kernel, pid, owner, hibernate_after, max_steps):
