@@ -314,16 +314,11 @@ def test_daemon_url_rejects_what_is_not_an_address(host):
         daemon_url(host)
 
 
-@pytest.mark.parametrize("replayed_text, first, written, shown_again", [
-    ("abc", {"text": "abc de", "token_ids": [1, 2, 3]}, " def", False),  # the image's text is known: cut exactly
-    (None, {"text": "abc", "token_ids": [1, 2]}, "f", False),  # unknown, but the first update is the replay itself
-    (None, {"text": "abc de", "token_ids": [1, 2, 3]}, "abc def", True),  # unknown and mixed: shown again, said so
-])
-def test_follow_skips_the_replay_of_a_restored_process(replayed_text, first, written, shown_again, capsys):
+def test_follow_writes_every_update_and_hibernates_after_n(capsys):
     from llmos.cli.remote_cmd import follow
 
-    events = [{**first, "finished": False}, {"text": "f", "token_ids": [4], "finished": True, "finish_reason": "length"}]
-    done = follow(None, events, 7, replayed_tokens=2, replayed_text=replayed_text)
-    captured = capsys.readouterr()
-    assert captured.out == written and ("shown again" in captured.err) == shown_again
-    assert done.token_ids == ([3, 4] if len(first["token_ids"]) == 3 else [4]) and done.finish_reason == "length"
+    events = [{"text": "ab", "token_ids": [1, 2], "finished": False},
+              {"text": "c", "token_ids": [3], "finished": True, "finish_reason": "length"}]
+    done = follow(None, events, 7)
+    assert capsys.readouterr().out == "abc"
+    assert done.token_ids == [1, 2, 3] and done.finish_reason == "length" and done.hid is None

@@ -146,10 +146,12 @@ class DaemonClient:
         return self._stream("POST", "/v1/processes", json={"model": model, "prompt": prompt, **params, "nice": nice,
                                                            "stream": True})
 
-    def attach(self, pid: int, from_now: bool = False) -> contextlib.AbstractContextManager[EventStream]:
-        """GET /v1/processes/{pid}/stream: its updates from its first output token (or from now); leaving
-        the context leaves the process running."""
-        return self._stream("GET", f"/v1/processes/{pid}/stream", params={"from_now": "true"} if from_now else None)
+    def attach(self, pid: int, from_now: bool = False, new: bool = False) -> contextlib.AbstractContextManager[EventStream]:
+        """GET /v1/processes/{pid}/stream: its updates from its first output token (or from now, or, with `new`,
+        from the first token the daemon generated: a restored process's earlier text is not sent again);
+        leaving the context leaves the process running."""
+        params = {"from_now": "true"} if from_now else {"new": "true"} if new else None
+        return self._stream("GET", f"/v1/processes/{pid}/stream", params=params)
 
     def processes(self, finished: bool = False, everyone: bool = False) -> list[dict]:
         """GET /v1/processes: the caller's live process rows (`finished`: ended ones too; `everyone`: every

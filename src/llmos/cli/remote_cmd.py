@@ -141,38 +141,19 @@ class Followed:
     hid: str | None = None
 
 
-def follow(client: DaemonClient, events: EventStream, pid: int, hibernate_after: int | None = None,
-           replayed_tokens: int = 0, replayed_text: str | None = None) -> Followed:
+def follow(client: DaemonClient, events: EventStream, pid: int, hibernate_after: int | None = None) -> Followed:
     """Write process `pid`'s text from `events` to stdout until its stream ends.
 
     `hibernate_after`: once it has that many new output tokens, hibernate it (the daemon's engine runs on
     meanwhile, so the image may hold a few more; their text is written too, so stdout is exactly the image's
-    text). `replayed_tokens` / `replayed_text`: an attach to a restored process first replays the tokens and
-    text it had before it was hibernated; they are not written again. Without `replayed_text` the first update
-    is taken to be the replay when it holds exactly `replayed_tokens` tokens."""
+    text)."""
     new: list[int] = []
     first_at, reason, hid = None, None, None
-    skip = len(replayed_text) if replayed_text is not None else None
-    seen = 0
     for e in events:
         text, ids = e.get("text", ""), e.get("token_ids", [])
-        if seen < replayed_tokens:  # still in the replay of what it had before
-            if skip is None and seen + len(ids) <= replayed_tokens:
-                skip = len(text)
-            elif skip is None:
-                skip = 0
-                notice("the text from before hibernation is shown again: its image is not readable here and the "
-                       "daemon had already gone on")
-            fresh = ids[max(0, replayed_tokens - seen):]
-        else:
-            fresh = ids
-        seen += len(ids)
-        if skip:
-            cut = min(skip, len(text))
-            text, skip = text[cut:], skip - cut
-        if fresh and first_at is None:
+        if ids and first_at is None:
             first_at = time.perf_counter()
-        new += fresh
+        new += ids
         write(text)
         if e.get("finished"):
             reason = e.get("finish_reason")
@@ -512,13 +493,12 @@ def restore_and_stream(link: Link, hid: str, model: str | None, owner: str | Non
     if entry["status"] != "ok":
         raise HibernationError(entry["error"])
     before = entry["output_tokens"]
-    text = image_text(hid, owner or (client.whoami() or {}).get("name", "local"), before)
     pid = client.restore(hid, daemon_model(client, model) if model is not None else None, owner)["pid"]
     link.say()
     started = time.perf_counter()
     try:
-        with client.attach(pid) as events:
-            done = follow(client, events, pid, hibernate_after, replayed_tokens=before, replayed_text=text)
+        with client.attach(pid, new=True) as events:  # only the text generated after the restore
+            done = follow(client, events, pid, hibernate_after)
     except KeyboardInterrupt:
         with contextlib.suppress(DaemonError, ConnectionLostError):
             client.kill(pid)
@@ -534,13 +514,3 @@ def restore_and_stream(link: Link, hid: str, model: str | None, owner: str | Non
                   f"finish: {done.finish_reason}", style="dim", soft_wrap=True, markup=False)
 
 
-def image_text(hid: str, owner: str, output_tokens: int) -> str | None:
-    """The text image `hid` had written, when this machine holds the image (the daemon keeps its images under
-    this LLMOS_HOME); None when it does not. Read before the restore, which removes the image."""
-    from llmos.kernel.hibernate import default_store
-
-    try:
-        image = default_store().load(hid, owner)
-    except (LlmosError, OSError):
-        return None
-    return image.text if len(image.output_token_ids) == output_tokens else None

@@ -91,6 +91,7 @@ class Stream:
     deltas: deque[str] = field(default_factory=deque)
     token_times: list[float] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per output token
+    released_at_start: int = 0  # characters it already had when it arrived (a restored process's old text)
 
 
 def default_device() -> torch.device:
@@ -473,7 +474,8 @@ class Kernel(MemoryHooks):
             for t in p.output_token_ids:
                 detok.step(t)
             self.processes[p.pid] = p
-            self.streams[p.pid] = Stream(detok, released=len(image.text), text=detok.text)
+            self.streams[p.pid] = Stream(detok, released=len(image.text), text=detok.text,
+                                         released_at_start=len(image.text))
             proc.admit(p)
             self.scheduler.add(p)
             self._store().remove(hid, owner)

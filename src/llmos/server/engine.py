@@ -104,9 +104,10 @@ class Engine:
         """Wake the followers of `pid` (after a kill, suspend or hibernate from a handler)."""
         self._notify(pid)
 
-    async def follow(self, pid: int, from_now: bool = False) -> AsyncIterator[Update]:
+    async def follow(self, pid: int, from_now: bool = False, new: bool = False) -> AsyncIterator[Update]:
         """Yield `Update`s for process `pid` as the engine produces them, until it ends (the last update has
-        `finished` set); from its first output token, or with `from_now` from what comes next. Any number
+        `finished` set); from its first output token, with `from_now` from what comes next, or with `new` from
+        the first token this kernel generated (a restored process's earlier output is skipped). Any number
         of followers may follow one process. A suspended process yields nothing until it is resumed. Cancelling the iteration
         (a client disconnect) leaves the process alone: the caller decides whether to kill it."""
         loop = asyncio.get_running_loop()
@@ -115,8 +116,13 @@ class Engine:
             self._subscribers.setdefault(pid, []).append((loop, event))
         kernel = self.kernel
         with kernel.lock:  # start from what is released now: an attach mid-way sees only new output
-            sent_tokens = kernel.processes[pid].num_output_tokens if from_now else 0
-            sent_chars = kernel.streams[pid].released if from_now else 0
+            p, st = kernel.processes[pid], kernel.streams[pid]
+            if from_now:
+                sent_tokens, sent_chars = p.num_output_tokens, st.released
+            elif new:  # only what this kernel produced: not a restored process's earlier output
+                sent_tokens, sent_chars = p.output_tokens_at_start, st.released_at_start
+            else:
+                sent_tokens, sent_chars = 0, 0
         try:
             while True:
                 with kernel.lock:

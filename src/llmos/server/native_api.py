@@ -11,7 +11,7 @@ Endpoints (JSON bodies; errors are app.py's `{"error": {...}}`):
                                       process and its n - 1 parallel samples; disconnecting kills them.
   GET    /v1/processes[?all=&finished=]   -> {processes: [row...]} (all=true: every owner, admins only)
   GET    /v1/processes/{pid}          -> row + text, output_token_ids, children
-  GET    /v1/processes/{pid}/stream[?from_now=true]   SSE attach; disconnecting leaves the process alone.
+  GET    /v1/processes/{pid}/stream[?from_now=true|new=true]   SSE attach; disconnecting leaves it alone.
   POST   /v1/processes/{pid}/fork     {n} -> 201 {pids}
   POST   /v1/processes/{pid}/suspend | /resume        -> row
   POST   /v1/processes/{pid}/hibernate                -> {hid, pid}
@@ -321,15 +321,16 @@ async def _spawn_events(state: ServerState, r: Resident, user: str, pid: int, pr
 
 
 @router.get("/v1/processes/{pid}/stream")
-async def attach(pid: int, from_now: bool = False, who: Principal = Depends(principal),
+async def attach(pid: int, from_now: bool = False, new: bool = False, who: Principal = Depends(principal),
                  state: ServerState = Depends(get_state)):
-    """SSE of process `pid`'s updates, from its first output token (or, with from_now, from what comes next).
+    """SSE of process `pid`'s updates, from its first output token; with `from_now`, from what comes next; with
+    `new`, from the first token this daemon generated (a restored process's earlier text is not sent again).
     Any number of clients may attach; disconnecting leaves the process running."""
     r, _ = await find_process(state, who, pid)
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for u in r.engine.follow(pid, from_now):
+            async for u in r.engine.follow(pid, from_now, new):
                 yield sse(update_event(pid, u))
         except KeyError:  # reaped while we followed it
             pass
