@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from llmos.errors import HibernationError, InvalidRequestError, ProcessNotFoundError, QuotaExceededError
+from llmos.errors import (HibernationError, InvalidRequestError, OutOfBlocksError, ProcessNotFoundError,
+                          QuotaExceededError)
 from llmos.kernel import syscalls
 from llmos.kernel.hibernate import HibernationStore
 from llmos.kernel.kernel import Kernel, KernelConfig
@@ -481,3 +482,26 @@ def test_seeded_parallel_samples_are_reproducible_across_requests(tiny_model_dir
         return [p.output_token_ids] + [k.processes[c].output_token_ids for c in k.children(p.pid)]
     first, second = sample(), sample()
     assert first == second and len({tuple(o) for o in first}) > 1
+
+
+def test_restore_keeps_the_image_until_the_process_ends_and_refuses_what_cannot_fit(tiny_model_dir, tmp_path):
+    k = make(tiny_model_dir, tmp_path)
+    p = k.spawn(ids(20, 4), SamplingParams(max_tokens=30, **GREEDY))
+    for _ in range(4):
+        k.step()
+    hid = k.hibernate(p.pid)
+    path = HibernationStore(tmp_path).path(hid, "local")
+    q = k.restore(hid)
+    k.step()
+    assert path.exists(), "an interrupted resume must not lose the image"
+    with pytest.raises(HibernationError, match="already running here"):
+        k.restore(hid)
+    small = make(tiny_model_dir, tmp_path, kv_memory=pool_bytes(2))
+    with pytest.raises(OutOfBlocksError, match="needs up to"):
+        small.restore(hid)
+    k.run_until_done()
+    assert q.state is ProcState.FINISHED and not path.exists()
+    with pytest.raises(InvalidRequestError, match="UTF-8"):
+        k.spawn("caf\udce9")
+    with pytest.raises(InvalidRequestError, match="UTF-8"):
+        k.spawn("hello", owner="\udce9")

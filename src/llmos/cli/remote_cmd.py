@@ -338,7 +338,8 @@ def ps_command(
 
 @guarded
 def top_command(
-    interval: Annotated[float, typer.Option("--interval", min=0.0, help="Seconds between refreshes.")] = 1.0,
+    interval: Annotated[float, typer.Option("--interval", min=0.0, max=3600.0,
+                                            help="Seconds between refreshes (0 to 3600).")] = 1.0,
     iterations: Annotated[Optional[int], typer.Option(
         "--iterations", min=1, help="Stop after N refreshes (default: Ctrl-C on a terminal; once idle when piped).",
         show_default=False)] = None,

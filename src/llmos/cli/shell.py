@@ -203,7 +203,10 @@ def hibernated_table(images: list[dict]) -> Table:
         table.columns[c].justify = "right"
     table.columns[6].overflow = "fold"
     for e in images:
-        created = datetime.fromtimestamp(e["created"]).strftime("%Y-%m-%d %H:%M:%S") if e["created"] else "-"
+        try:
+            created = datetime.fromtimestamp(e["created"]).strftime("%Y-%m-%d %H:%M:%S") if e["created"] else "-"
+        except (OverflowError, OSError, ValueError, TypeError):  # a hand-edited time
+            created = "?"
         status = "ok" if e["status"] == "ok" else f"[red]corrupt[/]: {e['error']}"
         table.add_row(e["hid"], e["model"] or "-", str(e["prompt_tokens"] if e["prompt_tokens"] is not None else "-"),
                       str(e["output_tokens"] if e["output_tokens"] is not None else "-"), decimal(e["size_bytes"]),
@@ -263,7 +266,8 @@ def ps(ctx: typer.Context,
 @commands.command()
 def top(
     ctx: typer.Context,
-    interval: Annotated[float, typer.Option("--interval", min=0.0, help="Seconds between refreshes.")] = 0.5,
+    interval: Annotated[float, typer.Option("--interval", min=0.0, max=3600.0,
+                                            help="Seconds between refreshes (0 to 3600).")] = 0.5,
     iterations: Annotated[Optional[int], typer.Option(
         "--iterations", min=1, help="Stop after N refreshes (default: Ctrl-C on a terminal; idle when piped).",
         show_default=False)] = None,
@@ -318,7 +322,7 @@ def resume(ctx: typer.Context, target: Annotated[str, typer.Argument(
         show_default=False)]) -> None:
     """Resume a suspended process, or restore a hibernated one (prints its new pid)."""
     sh: Session = ctx.obj
-    if target.isdigit():
+    if target.isascii() and target.isdigit():
         syscalls.resume(sh.kernel, int(target), sh.caller)
     elif HID_PATTERN.fullmatch(target):
         remember(sh, syscalls.restore(sh.kernel, target, sh.owner))
@@ -449,7 +453,7 @@ def split_commands(line: str) -> list[list[str]]:
     result: list[list[str]] = [[]]
     for word in words:
         if word and set(word) == {";"}:
-            result += [[]] * len(word)
+            result += [[] for _ in word]  # distinct lists: `a;; b` is a, (nothing), b
         else:
             result[-1].append(word)
     return [c for c in result if c]
@@ -514,7 +518,7 @@ def script_lines(command: str | None, script: Path | None) -> Iterator[str] | No
         return iter(command.splitlines() or [""])
     if script is not None and str(script) != "-":
         try:
-            return iter(script.read_bytes().decode("utf-8").splitlines())
+            return iter(script.read_bytes().decode("utf-8-sig").splitlines())  # a leading BOM is not a command
         except FileNotFoundError:
             raise InvalidRequestError(f"script {script} does not exist; check the path.") from None
         except IsADirectoryError:
@@ -545,6 +549,11 @@ def command_loop(sh: Session, source: Iterator[str] | None) -> int:
             print_error(str(e) if interactive else f"line {number}: {e}")
             if not interactive:
                 return EXIT_USER_ERROR
+        except OSError as e:  # the system refused a read or write (permissions, a full disk): not a shell crash
+            print_error(f"{e.strerror or e}: {e.filename or ''}" if interactive
+                        else f"line {number}: {e.strerror or e}: {e.filename or ''}")
+            if not interactive:
+                return 1
         except KeyboardInterrupt:
             if not interactive:
                 return EXIT_INTERRUPTED

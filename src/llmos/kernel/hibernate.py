@@ -390,6 +390,9 @@ def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise HibernationError(f"no hibernation image at {path}: it was removed or never written; check the id "
                                "(list the hibernated processes to see which exist).")
+    if not os.access(path, os.R_OK):
+        raise HibernationError(f"cannot read hibernation image {path}: permission denied. The image itself may be "
+                               "fine: give its owner read permission (chmod 600) and try again.")
 
 
 def _check_doc(path: Path, meta: dict[str, str]) -> dict:
@@ -542,7 +545,7 @@ class HibernationStore:
 
     def list(self, owner: str) -> list[dict]:
         """`owner`'s images, oldest first: dicts with hid, model, prompt_tokens, output_tokens, size_bytes,
-        created (unix time), status ("ok" or "corrupt") and error (None, or why it cannot be resumed).
+        created (unix time), status ("ok", "corrupt" or "unreadable") and error (None, or why it cannot be resumed).
 
         Reads headers only: a damaged header is reported here, damaged tensor data at `load`.
         """
@@ -565,6 +568,8 @@ class HibernationStore:
                              output_tokens=len(doc["output_token_ids"]), created=doc["created"], status="ok")
             except (HibernationError, OSError) as e:
                 entry["error"] = str(e)
+                if isinstance(e, PermissionError) or "permission denied" in str(e):
+                    entry["status"] = "unreadable"
             out.append(entry)
         return sorted(out, key=lambda e: (e["created"] or 0, e["hid"]))
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from llmos.errors import InvalidRequestError, OutOfBlocksError, ProcessNotFoundError, QuotaExceededError
+from llmos.errors import (HibernationError, InvalidRequestError, OutOfBlocksError, ProcessNotFoundError,
+                          QuotaExceededError)
 from llmos.kernel import proc
 from llmos.kernel.hibernate import (HibernationImage, HibernationStore, default_store, model_fingerprint,
                                     scatter_kv, weights_fingerprint)
@@ -157,6 +158,7 @@ class Kernel(MemoryHooks):
         self._pids = itertools.count(1)
         self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
         self._fork_counts: dict[int, int] = {}  # pid -> children forked from it so far
+        self._restored: dict[int, tuple[str, str]] = {}  # pid -> (image id, owner) it was restored from
         self._ended: deque[int] = deque()  # pids of ended processes, oldest first (reaped past keep_finished)
         self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
@@ -279,9 +281,11 @@ class Kernel(MemoryHooks):
         _check_nice(nice)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
             raise InvalidRequestError(f"n must be an integer from 1 to 64 (parallel samples), got {n!r}.")
+        _check_owner(owner)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty; give some text to continue.")
+            _check_utf8(prompt, "the prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
@@ -450,12 +454,30 @@ class Kernel(MemoryHooks):
 
     def restore(self, hid: str, owner: str = "local") -> Process:
         """Bring back a hibernated process as a new READY process (new pid) with the same tokens, sampling
-        state and K/V; the image is removed once the process is live. Its K/V go back into the pool when
-        there is room, else it recomputes them. Raises `HibernationError` (no such image for this owner,
-        corrupt file, another model's image) or `QuotaExceededError`."""
+        state and K/V. Its K/V go back into the pool when there is room, else it recomputes them. The image
+        stays on disk until the restored process ends (finishes, is killed, or is hibernated again under a new
+        id), so an interrupted resume loses nothing. Raises `HibernationError` (no such image for this owner,
+        corrupt or inconsistent file, another model's image, already restored here), `OutOfBlocksError` (it
+        could never fit this pool) or `QuotaExceededError`."""
+        _check_owner(owner)
         with self.lock:
             self._check_process_quota(owner, 1)
+            if (hid, owner) in self._restored.values():
+                raise HibernationError(f"hibernated process {hid} is already running here (restored as pid "
+                                       f"{next(k for k, v in self._restored.items() if v == (hid, owner))}).")
             image = self._store().load(hid, owner, expected_fingerprint=self.fingerprint)
+            vocab, tokens = self.model_config.vocab_size, image.prompt_token_ids + image.output_token_ids
+            if not image.prompt_token_ids or any(not 0 <= t < vocab for t in tokens) \
+                    or len(tokens) >= self.context_length:
+                raise HibernationError(f"hibernated process {hid} holds tokens this model cannot continue "
+                                       f"(ids outside [0, {vocab}) or {len(tokens)} tokens for a context of "
+                                       f"{self.context_length}); the file was altered.")
+            left = max(0, image.sampling_params().max_tokens - len(image.output_token_ids))
+            need = self.block_manager.blocks_needed(min(len(tokens) + left, self.context_length))
+            if need > self.block_manager.num_blocks:
+                raise OutOfBlocksError(
+                    f"hibernated process {hid} needs up to {need} KV blocks but the pool has "
+                    f"{self.block_manager.num_blocks}; give the kernel more KV memory (--kv-memory).")
             generator = image.restore_generator(self.device)
             p = image.to_process(next(self._pids))
             p.model, p.num_computed_tokens = self.model_name, 0
@@ -478,11 +500,12 @@ class Kernel(MemoryHooks):
                                          released_at_start=len(image.text))
             proc.admit(p)
             self.scheduler.add(p)
-            self._store().remove(hid, owner)
+            self._restored[p.pid] = (hid, owner)
             return p
 
     def hibernated(self, owner: str = "local") -> list[dict]:
         """The owner's hibernated processes on disk (newest last)."""
+        _check_owner(owner)
         return self._store().list(owner)
 
     def warm_prefix(self, token_ids: list[int], kv: torch.Tensor, owner: str = "local") -> int:
@@ -630,6 +653,12 @@ class Kernel(MemoryHooks):
         self.runner.release(p.pid)
         self._pending_forks.pop(p.pid, None)
         self._fork_counts.pop(p.pid, None)
+        restored = self._restored.pop(p.pid, None)
+        if restored is not None:  # it ended here: the image it came from is done with
+            try:
+                self._store().remove(*restored)
+            except (HibernationError, OSError):
+                pass
         self._ended.append(p.pid)
         while len(self._ended) > max(0, self.config.keep_finished):  # reap the oldest ended processes
             old = self._ended.popleft()
@@ -695,3 +724,17 @@ class Kernel(MemoryHooks):
 def _check_nice(level) -> None:
     if isinstance(level, bool) or not isinstance(level, int) or not -20 <= level <= 19:
         raise InvalidRequestError(f"nice level must be an integer from -20 (most favoured) to 19 (least), got {level!r}.")
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text that cannot be UTF-8 (lone surrogates, e.g. undecodable bytes on a command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid UTF-8 text; give it in UTF-8.") from None
+
+
+def _check_owner(owner) -> None:
+    if not isinstance(owner, str) or not owner:
+        raise InvalidRequestError(f"the owner must be a non-empty name, got {owner!r}.")
+    _check_utf8(owner, "the owner name")
