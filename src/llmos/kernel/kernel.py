@@ -186,13 +186,16 @@ class Kernel(MemoryHooks):
         c, mc = self.config, self.model_config
         dtype = self.pool.dtype
         per_block = KVPool.bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, c.block_size, dtype)
-        if c.swap_memory in (0, "0", 0.0):
+        if _is_zero_size(c.swap_memory):
             num_blocks = 0
         else:
             budget = parse_memory_budget(c.swap_memory, "cpu")
             # More swap than could ever be filled (every seat's whole context) is wasted host memory.
             cap = c.max_num_seqs * 4 * -(-self.context_length // c.block_size)
             num_blocks = min(KVPool.num_blocks_for_budget(budget, per_block), cap)
+            if num_blocks < 1:
+                raise InvalidRequestError(f"swap memory {c.swap_memory!r} ({budget} bytes) holds no KV block of "
+                                          f"{per_block} bytes; give at least that much (e.g. 256MiB), or 0 for no swap.")
         return SwapPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype)
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -738,3 +741,12 @@ def _check_owner(owner) -> None:
     if not isinstance(owner, str) or not owner:
         raise InvalidRequestError(f"the owner must be a non-empty name, got {owner!r}.")
     _check_utf8(owner, "the owner name")
+
+
+def _is_zero_size(value) -> bool:
+    """0, "0", "0B", "0KiB", "0.0", "00": no memory at all."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, str):
+        return re.fullmatch(r"\s*0*\.?0*\s*([kmgt]i?)?b?\s*", value.lower()) is not None and "0" in value
+    return False
