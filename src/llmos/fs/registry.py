@@ -9,14 +9,12 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
-import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from llmos.errors import LlmosError, ModelLoadError
+from llmos.fs import db as sqlite_db
 
 DEFAULT_MODEL_NAME = "default"
 DB_FILE = "llmos.db"
@@ -165,45 +163,12 @@ def _check_name(name: str) -> str:
 
 def _read(query: str, args: tuple = ()) -> list[tuple]:
     """Rows of a read-only query; [] when the database or the table does not exist yet."""
-    db = db_path()
-    if not db.exists():
-        return []
-    try:
-        with closing(sqlite3.connect(db, timeout=10.0)) as conn:
-            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'models'").fetchone():
-                return []
-            return conn.execute(query, args).fetchall()
-    except sqlite3.Error as e:
-        raise _db_error(db, e) from None
+    return sqlite_db.read(db_path(), "models", query, args, _db_error)
 
 
-@contextmanager
-def _transaction() -> Iterator[sqlite3.Connection]:
-    """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error.
-
-    Creates LLMOS_HOME and the database on first use. Raises `RegistryError` naming the file when it
-    cannot be opened or is not an SQLite database.
-    """
-    db = db_path()
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(db, timeout=10.0, isolation_level=None)
-    except (OSError, sqlite3.Error) as e:
-        raise _db_error(db, e) from None
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute(SCHEMA)
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    except sqlite3.Error as e:
-        raise _db_error(db, e) from None
-    finally:
-        conn.close()
+def _transaction():
+    """One write transaction; creates LLMOS_HOME and the database on first use. Raises `RegistryError`."""
+    return sqlite_db.transaction(db_path(), (SCHEMA,), _db_error)
 
 
 def _db_error(db: Path, e: Exception) -> RegistryError:

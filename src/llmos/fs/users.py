@@ -15,12 +15,12 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.errors import LlmosError
+from llmos.fs import db as sqlite_db
 from llmos.fs import registry
 
 ROLES = ("admin", "user")
@@ -328,48 +328,12 @@ class UserStore:
 
     def _read(self, query: str, args: tuple = ()) -> list[tuple]:
         """Rows of a read-only query; [] when the database or its tables do not exist yet."""
-        db = self.db_path
-        if not db.exists():
-            return []
-        try:
-            with closing(sqlite3.connect(db, timeout=10.0)) as conn:
-                if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
-                    return []
-                return conn.execute(query, args).fetchall()
-        except sqlite3.Error as e:
-            raise _db_error(db, e) from None
+        return sqlite_db.read(self.db_path, "users", query, args, _db_error)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error.
-
-        Creates the folder, the database and the tables on first use; turns on WAL (readers never wait for a
-        writer), foreign keys (for the cascades) and a 10 s busy timeout. Raises `UsersError` naming the file
-        when it cannot be opened or is not an SQLite database.
-        """
-        db = self.db_path
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(db, timeout=10.0, isolation_level=None)
-        except (OSError, sqlite3.Error) as e:
-            raise _db_error(db, e) from None
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise _db_error(db, e) from None
-        finally:
-            conn.close()
+    def _transaction(self):
+        """One write transaction; creates the folder, the database and the tables on first use (WAL, foreign
+        keys for the cascades, 10 s busy timeout; see llmos.fs.db). Raises `UsersError` naming the file."""
+        return sqlite_db.transaction(self.db_path, SCHEMA, _db_error)
 
 
 def check_name(name: str) -> str:
