@@ -6,6 +6,7 @@ Owns the command-line surface of `llmos.server.app.create_app`. Never contains s
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -71,4 +72,8 @@ def serve_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     typer.echo(f"llmos serving on http://{host}:{port}/ (API docs at /docs)", err=True)
+    # uvicorn handles SIGINT/SIGTERM (a graceful shutdown), then re-raises the signal under the handler that was
+    # installed before it ran; with these no-op handlers a graceful shutdown exits 0, as a daemon should.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

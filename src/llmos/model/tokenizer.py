@@ -94,8 +94,15 @@ class Tokenizer:
     # ---- ids and text ------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens` the post-processor adds e.g. BOS."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; with `add_special_tokens` the post-processor adds e.g. BOS.
+        Raises `InvalidRequestError` for text that is not valid Unicode (lone surrogates)."""
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):
+                raise InvalidRequestError("the text is not valid UTF-8 (it holds a lone surrogate such as "
+                                          "\\ud800); send valid Unicode text.") from None
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; incomplete UTF-8 byte sequences decode to U+FFFD."""

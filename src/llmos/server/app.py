@@ -139,6 +139,10 @@ class ServerState:
 
     def engine_for(self, model: str, principal: Principal, keep_alive_s: float | None | bool = False) -> Resident:
         """The resident model `model`, with `principal`'s quotas applied to its kernel."""
+        for what, limit in (("processes", principal.max_processes), ("KV blocks", principal.max_kv_blocks)):
+            if limit == 0:
+                raise ApiError(429, "quota_exceeded", f"user {principal.name!r} has a quota of 0 {what}; ask an "
+                               "admin to raise it (`llmos user quota`).", {"Retry-After": "3600"})
         r = self.models.get(model, keep_alive_s)
         r.kernel.set_owner_limits(principal.name, principal.max_processes, principal.max_kv_blocks)
         return r
@@ -239,7 +243,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if isinstance(exc, _TooLarge):
+            limit = request.app.state.llmos.settings.max_body_bytes
+            return error_response(413, "request_too_large", f"request body over {limit} bytes; send less.")
+        type = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code,
+                                                                                           "http_error")
         return error_response(exc.status_code, type, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -287,8 +295,11 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised from inside `receive`: FastAPI's body reader lets HTTP exceptions through (any other becomes a 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
 
 
 class JsonBodies:

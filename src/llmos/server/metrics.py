@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import threading
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from llmos.server.app import Principal, admin
 
 router = APIRouter(tags=["system"])
 
@@ -110,8 +112,10 @@ def setup(state) -> None:
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, who: Principal = Depends(admin)) -> Response:
     """Prometheus metrics: queue depth, running processes, KV blocks used/cached/free/swapped, per-owner
-    processes and blocks, prefix-cache hit rate, tokens generated, TTFT and inter-token latency histograms."""
+    processes and blocks, prefix-cache hit rate, tokens generated, TTFT and inter-token latency histograms.
+    They name users, so with users configured only an admin's key may read them (Prometheus: `authorization`
+    with a bearer token in the scrape config)."""
     registry = request.app.state.llmos.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

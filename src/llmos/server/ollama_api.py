@@ -158,6 +158,13 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+def keep_alive_for(p: Principal, value) -> float | None | bool:
+    """`keep_alive_seconds(value)` for an admin (single-user mode's local user is one); False (leave the model's
+    keep-alive as it is) for other users, whose requests must not unload or pin a model everyone shares."""
+    keep = keep_alive_seconds(value)
+    return keep if p.is_admin else False
+
+
 def keep_alive_seconds(value: float | str | None) -> float | None | bool:
     """Ollama's keep_alive as `engine_for` takes it: seconds (a number, a numeric string, or a Go duration such
     as "5m" or "1h30m"); negative -> None (keep loaded); absent -> False (leave as is). 400 if malformed."""
@@ -293,7 +300,7 @@ async def _run(request: Request, p: Principal, body: _OllamaRequest, prompt_of, 
     t0 = time.monotonic()
     body.check_supported()
     name = model_name(state, body.model)
-    keep = keep_alive_seconds(body.keep_alive)
+    keep = keep_alive_for(p, body.keep_alive)
     state.rate.check(p)
     resident = await asyncio.to_thread(state.engine_for, name, p)
     load_s = time.monotonic() - t0
@@ -372,7 +379,7 @@ async def generate(body: OllamaGenerateRequest, request: Request, p: Principal =
                        "leave them out.")
     state: ServerState = request.app.state.llmos
     if not body.prompt and not body.context:
-        return await _load_or_unload(state, p, model_name(state, body.model), keep_alive_seconds(body.keep_alive))
+        return await _load_or_unload(state, p, model_name(state, body.model), keep_alive_for(p, body.keep_alive))
     return await _run(request, p, body, lambda tok: generate_prompt(body, tok),
                       lambda text, out: {**out, "response": text})
 
@@ -387,7 +394,7 @@ async def chat(body: OllamaChatRequest, request: Request, p: Principal = Depends
         raise ApiError(400, "invalid_request_error", "images are not supported by llmos; send text only.")
     state: ServerState = request.app.state.llmos
     if not body.messages:
-        out = await _load_or_unload(state, p, model_name(state, body.model), keep_alive_seconds(body.keep_alive))
+        out = await _load_or_unload(state, p, model_name(state, body.model), keep_alive_for(p, body.keep_alive))
         return {**out, "message": {"role": "assistant", "content": ""}}
     return await _run(request, p, body, lambda tok: chat_prompt(body, tok),
                       lambda text, out: {**out, "message": {"role": "assistant", "content": text}})

@@ -166,6 +166,9 @@ class Job:
         return {"arrival": p.arrival_time, "first_token": p.first_token_time, "finish": p.finish_time}
 
 
+MAX_CHOICES = 128  # processes one request may start (prompts x n): a small body must not occupy the engine for long
+
+
 def spawn_job(resident: Resident, owner: str, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Job:
     """Spawn one process per prompt (each with `n` samples) for `owner` and wake the engine. All or nothing:
     when one spawn fails the others are killed and the kernel's error (`InvalidRequestError`,
@@ -417,6 +420,9 @@ async def _start(request: Request, p: Principal, body: _Sampling, prompts_of, ma
     resident = await asyncio.to_thread(state.engine_for, body.model, p)
     tokenizer = resident.kernel.tokenizer
     prompts = await asyncio.to_thread(prompts_of, tokenizer)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(400, "invalid_request_error", f"{len(prompts)} prompts x n={body.n} would start "
+                       f"{len(prompts) * body.n} processes; one request may start at most {MAX_CHOICES}.")
     longest = max(len(ids) for ids in prompts)
     params = body.sampling_params(max_tokens_of(resident.kernel.context_length - longest), logprobs)
     return state, spawn_job(resident, p.name, prompts, params, body.n), tokenizer

@@ -283,6 +283,8 @@ async def create_session(body: CreateSession, who: Principal = Depends(principal
     """A new chat on `model` (not loaded until the first message), with an optional system prompt and title."""
     if body.title is not None and len(body.title) > MAX_TITLE:
         raise InvalidRequestError(f"the title has {len(body.title)} characters; keep it to {MAX_TITLE}.")
+    for name, text in (("title", body.title), ("system", body.system), ("model", body.model)):
+        _check_unicode(name, text)
     await asyncio.to_thread(state.models.path_of, body.model)  # 404 for an unknown model
     s = await asyncio.to_thread(manager(state).store.create, who.name, body.model, body.title, body.system)
     return {"id": s.id, "model": s.model, "title": s.title, "created": s.created}
@@ -338,6 +340,7 @@ async def post_message(sid: str, body: MessageRequest, who: Principal = Depends(
     """Append a user message and generate the assistant's reply over the whole history (streamed by default).
     Both messages are stored when the reply finishes."""
     s = await find_session(state, who, sid)
+    _check_unicode("content", body.content)
     if not body.content:
         raise InvalidRequestError("the message content is empty; write something.")
     params = body.params()
@@ -424,3 +427,13 @@ class Reply:
                 "finish_reason": reason, "stored": stored,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "restored_kv_blocks": self.restored}}
+
+
+def _check_unicode(name: str, text: str | None) -> None:
+    """400 for text that cannot be stored or tokenized (a lone surrogate such as \\ud800, valid in JSON)."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(f"{name} is not valid Unicode text (it holds a lone surrogate); "
+                                      "send valid UTF-8.") from None
