@@ -159,7 +159,9 @@ class Kernel(MemoryHooks):
         self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
         self._fork_counts: dict[int, int] = {}  # pid -> children forked from it so far
         self._restored: dict[int, tuple[str, str]] = {}  # pid -> (image id, owner) it was restored from
-        self._ended: deque[int] = deque()  # pids of ended processes, oldest first (reaped past keep_finished)
+        self._ended: deque[int] = deque()
+        self._changes: deque[tuple[int, int]] = deque(maxlen=65536)  # (seq, pid): output appended or process ended
+        self._change_seq = 0  # pids of ended processes, oldest first (reaped past keep_finished)
         self._pending_forks: dict[int, int] = {}  # pid -> children to fork when its prompt is done (n > 1)
         self.lock = threading.RLock()
         self.steps = 0
@@ -613,8 +615,24 @@ class Kernel(MemoryHooks):
                     return
                 self.step()
 
+    def _changed(self, pid: int) -> None:
+        self._change_seq += 1
+        self._changes.append((self._change_seq, pid))
+
+    def changes_since(self, seq: int) -> tuple[int, set[int]]:
+        """Pids that got output tokens or ended after change number `seq`, and the latest change number: how an
+        observer (e.g. metrics) visits only what changed instead of the whole process table. Pass 0 first."""
+        with self.lock:
+            pids: set[int] = set()
+            for n, pid in reversed(self._changes):  # newest first: stop at the first one already seen
+                if n <= seq:
+                    break
+                pids.add(pid)
+            return self._change_seq, pids
+
     def _append(self, p: Process, token: int, now: float) -> None:
         proc.append_token(p, token)
+        self._changed(p.pid)
         s = self.streams[p.pid]
         s.token_times.append(now)
         if p.params.logprobs is not None:
@@ -663,6 +681,7 @@ class Kernel(MemoryHooks):
             except (HibernationError, OSError):
                 pass
         self._ended.append(p.pid)
+        self._changed(p.pid)
         while len(self._ended) > max(0, self.config.keep_finished):  # reap the oldest ended processes
             old = self._ended.popleft()
             self.processes.pop(old, None)

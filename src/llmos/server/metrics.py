@@ -74,14 +74,17 @@ class StepMetrics:
                                 registry=registry)
         self._seen: dict[tuple[str, int], int] = {}  # (model, pid) -> token times already observed
         self._done: set[tuple[str, int]] = set()  # reported as ended
+        self._seq: dict[str, int] = {}  # model -> the kernel change number seen last (Kernel.changes_since)
         self._lock = threading.Lock()
 
     def hook(self, model: str):
         def on_step(kernel, tokens: int) -> None:
             with self._lock, kernel.lock:
-                for pid, p in kernel.processes.items():
+                self._seq[model], changed = kernel.changes_since(self._seq.get(model, 0))
+                for pid in changed:
+                    p = kernel.processes.get(pid)
                     key = (model, pid)
-                    if key in self._done:
+                    if p is None or key in self._done:
                         continue
                     times = kernel.streams[pid].token_times
                     seen = self._seen.get(key, 0)
