@@ -40,3 +40,15 @@ def test_linear_small_m_matches_torch(rows):
     x, w, b = torch.randn(rows, 96), torch.randn(200, 96), torch.randn(200)
     torch.testing.assert_close(native.linear_small_m(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(native.linear_small_m(x[None], w, None), (x @ w.t())[None], atol=1e-4, rtol=1e-5)
+
+
+def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
+    """-ffast-math would link crtfastmath.o, which turns on flush-to-zero for the whole process that loads the
+    library: subnormal floats would become 0 everywhere (hypothesis refuses to run in such a process)."""
+    import torch
+
+    from llmos.model import native
+    assert native.library() is not None
+    tiny = float.fromhex("0x1p-1060")  # a subnormal double
+    assert tiny * 1.5 != 0.0
+    assert torch.tensor([1e-40], dtype=torch.float32).mul(1.5).item() != 0.0

@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# Not -ffast-math: linked into a shared library it sets flush-to-zero for the whole process that loads it
+# (crtfastmath.o), changing every float computation there; these are the parts of it the kernels need.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+         "-freciprocal-math", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
