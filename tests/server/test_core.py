@@ -87,3 +87,43 @@ def test_a_json_body_without_a_json_content_type_is_read_as_json(server):
     r = httpx.post(server.url + "/v1/completions", content=b"model=x&prompt=y",
                    headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_cross_origin_and_rebound_host_requests_are_refused(server):
+    body = {"model": server.settings.preload[0], "prompt": "hi", "max_tokens": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"{}", headers={"host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    own = server.url.removeprefix("http://")
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"origin": f"http://{own}"})
+    assert r.status_code == 200
+
+
+def test_binding_to_every_interface_is_not_loopback():
+    from llmos.server.app import is_loopback
+    assert not is_loopback("") and not is_loopback("0.0.0.0") and not is_loopback("::")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+
+
+def test_unloading_a_model_ends_its_streams(server):
+    """Unload (desktop button, Ollama keep_alive 0) kills the model's processes and their streams end."""
+    import threading
+    model = server.settings.preload[0]
+    r = server.state.models.get(model)
+    r.engine.step_hooks.append(lambda kernel, tokens: time.sleep(0.02))  # slow enough to unload mid-stream
+    got: dict = {}
+
+    def stream():
+        with httpx.stream("POST", server.url + "/v1/processes", timeout=30,
+                          json={"model": model, "prompt": "hello", "max_tokens": 200, "ignore_eos": True,
+                                "stream": True}) as resp:
+            got["lines"] = [line for line in resp.iter_lines() if line]
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(1.0)
+    assert httpx.post(server.url + f"/v1/models/{model}/unload", timeout=30).status_code == 200
+    t.join(20)
+    assert not t.is_alive(), "the stream must end when its model is unloaded"
+    assert got["lines"][-1] == "data: [DONE]"
+    server.state.models.get(model)  # load it again for the other tests

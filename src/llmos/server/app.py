@@ -130,12 +130,21 @@ class ServerState:
 
         self.settings = settings
         self.users = UserStore()
-        self.single_user = not self.users.has_users()
+        self._single_user = not self.users.has_users()
         extra = {Path(m).expanduser().resolve().name: Path(m).expanduser().resolve() for m in settings.models}
         self.models = ModelManager(settings.kernel, settings.models_memory, settings.keep_alive_s, extra)
         self.rate = TokenRate()
         self.started = time.time()
         self.shutdown_hooks: list = []  # callables run at shutdown before the models unload (e.g. sessions)
+
+    @property
+    def single_user(self) -> bool:
+        """No users are configured. Checked again on every request while true, so the first `llmos user add`
+        takes effect at once in a running daemon (from then on keys are required; it never switches back)."""
+        if self._single_user and self.users.has_users():
+            self._single_user = False
+            log.warning("users are configured now: API keys are required from here on")
+        return self._single_user
 
     def engine_for(self, model: str, principal: Principal, keep_alive_s: float | None | bool = False) -> Resident:
         """The resident model `model`, with `principal`'s quotas applied to its kernel."""
@@ -149,12 +158,10 @@ class ServerState:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether binding to `host` listens on this machine only ("" means every interface: not loopback)."""
+    from llmos.fs.users import is_loopback as _loopback
+
+    return bool(host) and _loopback(host)
 
 
 # ---- authentication -------------------------------------------------------------------------------
@@ -302,6 +309,49 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, "request body too large")
 
 
+class SameOrigin:
+    """ASGI middleware against cross-site requests and DNS rebinding (the daemon has no cookies, but single-user
+    mode needs no key, so any web page could otherwise drive it):
+
+    - a request with an `Origin` header (every browser request that may change state carries one) must come
+      from the daemon's own origin: the scheme, host and port of its `Host` header; others get a 403;
+    - when the daemon listens on loopback only, the `Host` header must name a loopback host (localhost,
+      127.x, ::1): a page whose DNS name was rebound to 127.0.0.1 sends its own name and gets a 403.
+    """
+
+    def __init__(self, app, loopback_only: bool) -> None:
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k: v for k, v in scope.get("headers", ())}
+        host = headers.get(b"host", b"").decode("latin-1")
+        origin = headers.get(b"origin")
+        if self.loopback_only and not is_loopback(_hostname(host)):
+            return await _forbid(send, f"requests for host {host!r} are refused: this daemon serves only "
+                                       "localhost (use http://127.0.0.1:PORT/).")
+        if origin is not None:
+            o = origin.decode("latin-1")
+            if o.split("://", 1)[-1] != host:
+                return await _forbid(send, f"cross-origin request from {o!r} refused; call the API from the "
+                                           "desktop this daemon serves, or without an Origin header.")
+        return await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """The host part of a Host header ("127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1")."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _forbid(send, message: str) -> None:
+    response = error_response(403, "permission_error", message)
+    await send({"type": "http.response.start", "status": 403, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
 class JsonBodies:
     """ASGI middleware: a POST to the APIs (/v1, /api) without a JSON content type (e.g. `curl -d '{...}'`, which
     says form-urlencoded, as Ollama's own examples do) is read as JSON; invalid JSON is then a 400 as usual."""
@@ -364,6 +414,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             module.setup(state)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SameOrigin, loopback_only=is_loopback(settings.host))
     return app
 
 

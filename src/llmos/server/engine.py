@@ -52,11 +52,17 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the step loop (after the current step) and wait for the thread."""
+        """Stop the step loop (after the current step), end every live process (killed), and wake their
+        followers so that every stream ends instead of waiting forever."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self.kernel.lock:
+            for p in list(self.kernel.processes.values()):
+                if not p.is_finished:
+                    self.kernel.kill(p.pid)
+        self._notify()
 
     @property
     def running(self) -> bool:
