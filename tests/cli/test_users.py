@@ -352,3 +352,11 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_change_nothing():
     for value in ("-1", "abc", "1.5", "²"):
         assert_user_error(llmos("user", "quota", "bob", "--max-processes", value), "invalid --max-processes")
     assert (store.list_users(), store.list_keys()) == before
+
+
+def test_a_quota_too_big_for_the_database_is_refused(tmp_path):
+    from llmos.fs.users import UserStore, UsersError
+    store = UserStore(tmp_path / "llmos.db")
+    store.add_user("bob")
+    with pytest.raises(UsersError, match="2\\*\\*63"):
+        store.set_quota("bob", tokens_per_minute=10**30)

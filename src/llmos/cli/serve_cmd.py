@@ -6,7 +6,9 @@ Owns the command-line surface of `llmos.server.app.create_app`. Never contains s
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,12 +67,35 @@ def serve_command(
     kernel = KernelConfig(kv_memory=kv_memory, swap_memory=swap_memory, policy=policy)
     if policy not in ("fcfs", "priority", "fair"):
         raise InvalidRequestError(f"--policy {policy!r}: use fcfs, priority or fair.")
-    parse_memory_budget(kv_memory)  # fail now, not at the first request
-    settings = ServerSettings(host=host, port=port, models=dirs, preload=names, kernel=kernel,
+    if not math.isfinite(keep_alive):
+        raise InvalidRequestError(f"--keep-alive {keep_alive!r}: give a number of seconds (< 0 = forever).")
+    # Fail now with one line, not at every request: the memory settings, the models to preload, the port.
+    from llmos.kernel.kernel import _is_zero_size
+
+    if parse_memory_budget(kv_memory) < 4096:
+        raise InvalidRequestError(f"--kv-memory {kv_memory!r} is too small to hold a KV block; give e.g. 1GiB or 0.25.")
+    if not _is_zero_size(swap_memory):
+        parse_memory_budget(swap_memory, "cpu")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+        except OSError as e:
+            raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror}); is another daemon running "
+                                      "there? Choose another --port.") from None
+    settings = ServerSettings(host=host, port=port, models=dirs, preload=[], kernel=kernel,
                               models_memory=parse_memory_budget(models_memory) if models_memory else None,
                               keep_alive_s=None if keep_alive < 0 else keep_alive, max_body_bytes=max_body)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    models = app.state.llmos.models
+    try:  # load the --model models now: a bad one is one `error:` line, not a traceback from inside uvicorn
+        for name in names:
+            typer.echo(f"loading {name} ...", err=True)
+            models.get(name)
+    except BaseException:
+        models.shutdown()
+        raise
     typer.echo(f"llmos serving on http://{host}:{port}/ (API docs at /docs)", err=True)
     # uvicorn handles SIGINT/SIGTERM (a graceful shutdown), then re-raises the signal under the handler that was
     # installed before it ran; with these no-op handlers a graceful shutdown exits 0, as a daemon should.

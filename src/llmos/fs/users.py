@@ -195,8 +195,8 @@ class UserStore:
         """
         quota = Quota(max_processes, tokens_per_minute, max_kv_blocks)
         for what, value in vars(quota).items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise UsersError(f"invalid {what.replace('_', ' ')} {value!r}: give a whole number >= 0, "
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63):
+                raise UsersError(f"invalid {what.replace('_', ' ')} {value!r}: give a whole number from 0 to 2**63 - 1, "
                                  "or nothing for unlimited.")
         with self._transaction() as conn:
             self._get_user(conn, name)

@@ -158,6 +158,9 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+MAX_KEEP_ALIVE_S = 100 * 365 * 86400.0
+
+
 def keep_alive_for(p: Principal, value) -> float | None | bool:
     """`keep_alive_seconds(value)` for an admin (single-user mode's local user is one); False (leave the model's
     keep-alive as it is) for other users, whose requests must not unload or pin a model everyone shares."""
@@ -185,7 +188,7 @@ def keep_alive_seconds(value: float | str | None) -> float | None | bool:
         seconds = float(value)
     if not math.isfinite(seconds):
         raise ApiError(400, "invalid_request_error", f"keep_alive {value!r} is not a finite duration.")
-    return None if seconds < 0 else seconds
+    return None if seconds < 0 or seconds > MAX_KEEP_ALIVE_S else seconds  # beyond ~100 years: forever
 
 
 def model_name(state: ServerState, name: str) -> str:
