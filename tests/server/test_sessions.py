@@ -268,3 +268,18 @@ def test_kv_survives_a_restart_and_a_corrupt_file_is_ignored(tiny_model_dir, key
         assert len(alice.get(f"/v1/sessions/{sid}").json()["messages"]) == 7
     finally:
         third.stop()
+
+
+def test_a_long_conversation_drops_its_oldest_turns_from_the_prompt_not_from_the_history(tiny_model_dir):
+    from llmos.kernel.kernel import Kernel, KernelConfig
+    from llmos.server.sessions import fit_prompt
+    k = Kernel(tiny_model_dir, KernelConfig(kv_memory="8MiB", swap_memory=0))
+    chat = [{"role": "system", "content": "be brief"}]
+    for i in range(40):
+        chat += [{"role": "user", "content": f"question number {i} " * 3},
+                 {"role": "assistant", "content": f"answer number {i} " * 3}]
+    chat.append({"role": "user", "content": "the last question"})
+    ids = fit_prompt(k, chat, max_tokens=32)
+    assert len(ids) <= k.context_length - 32
+    text = k.tokenizer.decode(ids)
+    assert "be brief" in text and "the last question" in text and "question number 0 " not in text

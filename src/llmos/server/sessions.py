@@ -351,8 +351,7 @@ async def post_message(sid: str, body: MessageRequest, who: Principal = Depends(
     try:
         history = await asyncio.to_thread(m.store.messages, sid)
         chat = [x.as_chat() for x in history] + [{"role": "user", "content": body.content}]
-        tokenizer = r.kernel.tokenizer
-        ids = await asyncio.to_thread(lambda: tokenizer.encode(tokenizer.apply_chat_template(chat)))
+        ids = await asyncio.to_thread(fit_prompt, r.kernel, chat, params.max_tokens)
         restored = await asyncio.to_thread(m.warm, rt, r)
         p = await asyncio.to_thread(r.kernel.spawn, ids, params, s.owner)
         rt.pid = p.pid
@@ -437,3 +436,18 @@ def _check_unicode(name: str, text: str | None) -> None:
         except UnicodeEncodeError:
             raise InvalidRequestError(f"{name} is not valid Unicode text (it holds a lone surrogate); "
                                       "send valid UTF-8.") from None
+
+
+def fit_prompt(kernel, chat: list[dict], max_tokens: int) -> list[int]:
+    """The chat template over `chat` as token ids, leaving out the oldest turns (after any system message) until
+    it leaves room to reply (min(max_tokens, half the context) tokens), as `llmos chat` does; the stored history
+    keeps every message. The newest user message is always kept (a prompt too long on its own is a 413)."""
+    tokenizer, context = kernel.tokenizer, kernel.context_length
+    budget = context - min(max_tokens, context // 2)
+    system = [c for c in chat[:1] if c["role"] == "system"]
+    turns = chat[len(system):]
+    while True:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(system + turns))
+        if len(ids) <= budget or len(turns) <= 1:
+            return ids
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]  # the oldest user message and its reply
