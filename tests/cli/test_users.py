@@ -360,3 +360,22 @@ def test_a_quota_too_big_for_the_database_is_refused(tmp_path):
     store.add_user("bob")
     with pytest.raises(UsersError, match="2\\*\\*63"):
         store.set_quota("bob", tokens_per_minute=10**30)
+
+
+def test_removing_a_user_removes_their_sessions_and_hibernated_processes(tmp_path):
+    import hashlib
+
+    from llmos.fs.sessions import SessionStore
+    from llmos.fs.users import UserStore
+    db = tmp_path / "llmos.db"
+    users, sessions = UserStore(db), SessionStore(db)
+    users.add_user("admin")
+    users.add_user("bob")
+    sessions.create("bob", "default", "old bob secret")
+    digest = hashlib.sha256(b"bob").hexdigest()[:32]
+    (tmp_path / "hibernate" / digest).mkdir(parents=True)
+    (tmp_path / "hibernate" / digest / "h0123456789.safetensors").write_bytes(b"x")
+    users.remove_user("bob")
+    users.add_user("bob")
+    assert sessions.list("bob") == []
+    assert not (tmp_path / "hibernate" / digest).exists()

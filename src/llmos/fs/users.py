@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -143,7 +144,10 @@ class UserStore:
     def remove_user(self, name: str) -> User:
         """Remove user `name` with its keys and quota; returns it as it was.
 
-        Raises `UsersError` for an unknown user, or for the last admin while other users exist.
+        Their sessions, session K/V files and hibernated processes on disk are deleted with them, so a later
+        user of the same name inherits nothing (processes still live in a running daemon end with it or are
+        killed by an admin). Raises `UsersError` for an unknown user, or for the last admin while other users
+        exist.
         """
         with self._transaction() as conn:
             user = self._get_user(conn, name)
@@ -154,7 +158,16 @@ class UserStore:
                     raise UsersError(f"{name!r} is the last admin and {others} other user(s) exist; add another "
                                      "admin first (`llmos user add NAME --role admin`), or remove the others.")
             conn.execute("DELETE FROM users WHERE name = ?", (name,))  # keys and quota go with it (ON DELETE CASCADE)
+            # Their sessions too, so that a later user of the same name inherits nothing.
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sessions'").fetchone():
+                conn.execute("DELETE FROM session_messages WHERE session IN (SELECT id FROM sessions WHERE owner = ?)",
+                             (name,))
+                conn.execute("DELETE FROM sessions WHERE owner = ?", (name,))
         self._forget(user=name)
+        home = self.db_path.parent
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+        for d in (home / "hibernate" / digest, home / "sessions" / digest):  # hibernated processes, session K/V
+            shutil.rmtree(d, ignore_errors=True)
         return user
 
     def get_user(self, name: str) -> User | None:
