@@ -90,7 +90,7 @@ LAZY_COMMANDS = [
     ("kill", "llmos.cli.remote_cmd", "kill_command", "End a process on the daemon."),
     ("suspend", "llmos.cli.remote_cmd", "suspend_command", "Stop scheduling a process on the daemon."),
     ("resume", "llmos.cli.remote_cmd", "resume_command",
-     "Resume a suspended process, or continue a hibernated one, streaming the rest of its text."),
+     "Queue a suspended process on the daemon again, or continue a hibernated one, streaming the rest of its text."),
     ("hibernate", "llmos.cli.remote_cmd", "hibernate_command",
      "Write a process on the daemon to disk; prints its image id."),
     ("nice", "llmos.cli.remote_cmd", "nice_command", "Set the nice level of a process on the daemon."),
