@@ -189,3 +189,12 @@ def test_keep_alive_zero_unloads_after_the_request_and_an_empty_prompt_loads(cli
     assert client.generate(model=model, prompt="hi", options={"num_predict": 2}, keep_alive=-1).done
     expires = next(m.expires_at for m in client.ps().models if m.model == model)
     assert expires.year > 2200  # kept loaded
+
+
+def test_every_error_under_api_carries_the_message_string(server):
+    r = httpx.post(server.url + "/api/generate", content=b"x" * (server.settings.max_body_bytes + 1))
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)
+    r = httpx.post(server.url + "/api/generate", content=b"{not json")
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    r = httpx.post(server.url + "/api/pull", json={"model": "x"})
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)

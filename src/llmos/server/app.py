@@ -208,7 +208,12 @@ def check_owner(p: Principal, owner: str, what: str) -> None:
 # ---- errors ---------------------------------------------------------------------------------------
 
 
-def error_response(status: int, type: str, message: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, type: str, message: str, headers: dict | None = None,
+                   path: str = "") -> JSONResponse:
+    """The JSON error: `{"error": {"type", "message", "code"}}`; under /api/ (Ollama's routes) the message
+    string itself is `error`, which Ollama clients show as is."""
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message, "type": type, "code": status}, status_code=status, headers=headers)
     return JSONResponse({"error": {"type": type, "message": message, "code": status}}, status_code=status,
                         headers=headers)
 
@@ -232,13 +237,13 @@ def llmos_error_status(err: LlmosError) -> tuple[int, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.type, exc.message, exc.headers)
+        return error_response(exc.status, exc.type, exc.message, exc.headers, request.url.path)
 
     @app.exception_handler(LlmosError)
     async def _llmos(request: Request, exc: LlmosError):
         status, type = llmos_error_status(exc)
         headers = {"Retry-After": "5"} if status == 429 else None
-        return error_response(status, type, str(exc), headers)
+        return error_response(status, type, str(exc), headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -246,21 +251,24 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
-        return error_response(400, "invalid_request_error", "invalid request: " + "; ".join(parts))
+        return error_response(400, "invalid_request_error", "invalid request: " + "; ".join(parts),
+                              path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if isinstance(exc, _TooLarge):
             limit = request.app.state.llmos.settings.max_body_bytes
-            return error_response(413, "request_too_large", f"request body over {limit} bytes; send less.")
+            return error_response(413, "request_too_large", f"request body over {limit} bytes; send less.",
+                                  path=request.url.path)
         type = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code,
                                                                                            "http_error")
-        return error_response(exc.status_code, type, str(exc.detail))
+        return error_response(exc.status_code, type, str(exc.detail), path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; the daemon log has the details.")
+        return error_response(500, "internal_error", "internal error; the daemon log has the details.",
+                              path=request.url.path)
 
 
 class BodyLimit:
@@ -279,7 +287,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await self._reject(send)
+                    return await self._reject(send, scope["path"])
         seen = 0
 
         async def limited():
@@ -294,10 +302,11 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, scope["path"])
 
-    async def _reject(self, send):
-        response = error_response(413, "request_too_large", f"request body over {self.limit} bytes; send less.")
+    async def _reject(self, send, path: str):
+        response = error_response(413, "request_too_large", f"request body over {self.limit} bytes; send less.",
+                                  path=path)
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
