@@ -347,9 +347,16 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def sigint_default() -> None:
+    """In the child: Ctrl-C as a terminal delivers it, even when this test run inherited SIGINT ignored (a
+    background job of a non-interactive shell), which Python would otherwise keep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_quietly(tiny_model_dir):
     chat = subprocess.Popen([sys.executable, "-m", "llmos.cli.main", "chat", "--model", str(tiny_model_dir)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     try:
         while "chatting with" not in (line := chat.stderr.readline()):  # until the model is loaded
             assert line, "chat exited before it was ready"

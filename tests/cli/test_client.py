@@ -148,7 +148,8 @@ def test_ctrl_c_kills_the_process_on_the_daemon(daemon, model_dir, api):
     env = {**os.environ, "LLMOS_HOST": daemon.url}
     run = subprocess.Popen([sys.executable, "-m", "llmos.cli.main", "run", PROMPT, "--model", str(model_dir),
                             "--max-tokens", "2000", "--ignore-eos", "-t", "0"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we inherited it ignored
     try:
         assert run.stdout.read(1), "run wrote nothing"
         pid = max(p["pid"] for p in api.processes())
