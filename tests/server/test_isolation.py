@@ -538,3 +538,15 @@ def test_a_public_address_without_users_is_refused(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "0.0.0.0" in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_only_an_admin_sets_a_negative_nice_level(daemon, model, users):
+    alice, root = users["alice"], users["root"]
+    r = spawn(alice, model, max_tokens=4, nice=-5)
+    assert r.status_code == 403 and "admin" in error(r, 403, "permission_error")
+    r = spawn(alice, model, max_tokens=200, ignore_eos=True, nice=5)
+    assert r.status_code == 201, r.text
+    pid = r.json()["pid"]
+    error(alice.post(f"/v1/processes/{pid}/renice", json={"nice": -1}), 403, "permission_error")
+    assert root.post(f"/v1/processes/{pid}/renice", json={"nice": -10}).json()["nice"] == -10
+    root.delete(f"/v1/processes/{pid}")

@@ -246,6 +246,7 @@ async def spawn(body: SpawnRequest, who: Principal = Depends(principal), state: 
     prompt is done; GET the pid for `children`). With `stream`: SSE of the updates of every sample."""
     if (body.prompt is None) == (body.prompt_token_ids is None):
         raise ApiError(400, "invalid_request_error", "give exactly one of prompt (text) and prompt_token_ids.")
+    check_nice_allowed(who, body.nice)
     params = body.params()
     r = await asyncio.to_thread(state.engine_for, body.model, who)
     state.rate.check(who)
@@ -408,10 +409,20 @@ async def resume(pid: int, who: Principal = Depends(principal), state: ServerSta
     return out
 
 
+def check_nice_allowed(who: Principal, nice) -> None:
+    """403 for a negative nice level from a non-admin: favouring one's own processes over everyone else's is an
+    admin's call (as for root and nice(2))."""
+    if isinstance(nice, int) and nice < 0 and not who.is_admin:
+        raise ApiError(403, "permission_error", f"nice {nice} would favour your processes over other users'; only "
+                       "an admin may set a nice level below 0.")
+
+
 @router.post("/v1/processes/{pid}/renice")
 async def renice(body: ReniceRequest, pid: int, who: Principal = Depends(principal),
                  state: ServerState = Depends(get_state)):
-    """Set `pid`'s nice level (-20..19; lower runs first under the priority policy)."""
+    """Set `pid`'s nice level (-20..19; lower runs first under the priority policy). As in Unix, only an admin
+    may go below 0."""
+    check_nice_allowed(who, body.nice)
     r, _ = await find_process(state, who, pid)
     return await act(r, pid, r.kernel.nice, body.nice)
 
