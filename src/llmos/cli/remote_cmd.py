@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional
 import typer
 from rich.console import Group
 from rich.filesize import decimal
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -27,7 +26,7 @@ from llmos import fs
 from llmos.cli.client import ConnectionLostError, DaemonClient, DaemonError, DaemonUnreachableError, EventStream
 from llmos.cli.main import (CHAT_HELP, PLAIN_CHAT_STOP, Device, KVMemory, Local, err, notice, out, print_error,
                             print_stats, read_lines, write)
-from llmos.errors import HibernationError, InvalidRequestError, LlmosError
+from llmos.errors import HibernationError, InvalidRequestError
 
 if TYPE_CHECKING:
     from llmos.model.sampling import SamplingParams
@@ -349,27 +348,13 @@ def top_command(
                    "with `llmos serve`, or run `top` inside `llmos sh`.")
     frame, busy = top_frame(link)
     link.say()
-    live = Live(frame, console=out, auto_refresh=False) if out.is_terminal else None
-    try:
-        if live:
-            live.start()
-        else:  # batch mode (piped, like `top -b`): one frame after another
-            out.print(frame)
-        shown = 1
-        while iterations is None or shown < iterations:
-            if live is None and iterations is None and not busy:
-                break  # piped without --iterations: the last frame is the idle daemon
-            time.sleep(interval)
-            (frame, busy), shown = top_frame(link), shown + 1
-            if live:
-                live.update(frame, refresh=True)
-            else:
-                out.print(frame)
-    except KeyboardInterrupt:  # the way to leave a live view
-        pass
-    finally:
-        if live:
-            live.stop()
+    from llmos.cli.shell import watch
+
+    def advance():
+        time.sleep(interval)
+        return top_frame(link)
+
+    watch(frame, busy, advance, iterations)
 
 
 def top_frame(link: Link) -> tuple[Group, bool]:

@@ -274,28 +274,38 @@ def top(
 ) -> None:
     """Watch the kernel run: memory, prefix cache, processes. Steps the kernel meanwhile; Ctrl-C returns."""
     sh: Session = ctx.obj
-    frame = top_frame(sh)
+
+    def advance():
+        deadline = time.monotonic() + interval
+        step(sh.kernel, 1)  # at least one step per frame, then as many as fit in the interval
+        while time.monotonic() < deadline and sh.kernel.has_work():
+            step(sh.kernel, 1)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        return top_frame(sh), sh.kernel.has_work()
+
+    watch(top_frame(sh), sh.kernel.has_work(), advance, iterations)
+
+
+def watch(frame, busy: bool, advance, iterations: int | None) -> None:
+    """`top`'s screen: `frame` first, then each of `advance()`'s `(frame, busy)` until `iterations` frames were
+    shown. On a terminal it redraws in place until Ctrl-C; piped (like `top -b`) it prints frame after frame and,
+    without `iterations`, stops once nothing is `busy`."""
     live = Live(frame, console=out, auto_refresh=False) if out.is_terminal else None
     try:
         if live:
             live.start()
-        else:  # batch mode (piped, like `top -b`): one frame after another
+        else:
             out.print(frame)
         shown = 1
         while iterations is None or shown < iterations:
-            if live is None and iterations is None and not sh.kernel.has_work():
-                break  # piped without --iterations: the last frame is the idle kernel
-            deadline = time.monotonic() + interval
-            step(sh.kernel, 1)  # at least one step per frame, then as many as fit in the interval
-            while time.monotonic() < deadline and sh.kernel.has_work():
-                step(sh.kernel, 1)
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            frame, shown = top_frame(sh), shown + 1
+            if live is None and iterations is None and not busy:
+                break
+            (frame, busy), shown = advance(), shown + 1
             if live:
                 live.update(frame, refresh=True)
             else:
                 out.print(frame)
-    except KeyboardInterrupt:  # back to the prompt
+    except KeyboardInterrupt:  # the way to leave a live view (back to the prompt in `llmos sh`)
         pass
     finally:
         if live:

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.runner import ModelRunner
 from llmos.kernel.sched import MemoryHooks, Scheduler
 from llmos.model.loader import load_model
-from llmos.model.sampling import SamplingParams, find_stop, make_generator
+from llmos.model.sampling import SamplingParams, find_stop
 from llmos.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 POLICIES = ("fcfs", "priority", "fair")
@@ -355,7 +355,7 @@ class Kernel(MemoryHooks):
         stream: they share all of its KV blocks (reference counts) and copy a block only when they first
         write into a shared partial one (copy-on-write). A child's output so far equals the parent's.
 
-        A seeded parent's children get seeds derived from the parent's seed and their index (reproducible);
+        A seeded parent's k-th child gets a seed derived from the parent's seed and k (reproducible);
         an unseeded parent's children draw fresh randomness. Raises `ProcessNotFoundError`,
         `InvalidRequestError` (n < 1, parent not READY or RUNNING) or `QuotaExceededError`.
         """
@@ -366,9 +366,9 @@ class Kernel(MemoryHooks):
             if p.state not in (ProcState.READY, ProcState.RUNNING):
                 raise InvalidRequestError(f"process {pid} is {p.state.name.lower()}; resume it before forking it.")
             self._check_process_quota(p.owner, n)
-            return [self._fork_one(p, i) for i in range(n)]
+            return [self._fork_one(p) for _ in range(n)]
 
-    def _fork_one(self, p: Process, index: int) -> Process:
+    def _fork_one(self, p: Process) -> Process:
         bm = self.block_manager
         # The k-th child of a seeded parent (k counts every fork of it) gets a seed from the parent's seed and k
         # alone, so the same request with the same seed gives the same n samples whatever its pid.
@@ -601,7 +601,7 @@ class Kernel(MemoryHooks):
     def _fork_at_first_token(self, p: Process, forks: int, row: int, now: float) -> None:
         """Parallel sampling: p's prompt is computed; fork it before its first token and give each child
         its own first token, drawn from the same logits with the child's own generator."""
-        children = [self._fork_one(p, i) for i in range(forks)]
+        children = [self._fork_one(p) for _ in range(forks)]
         tokens = self.runner.resample(row, children)
         for c, token in zip(children, tokens):
             self._append(c, token, now)

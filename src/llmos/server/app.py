@@ -10,7 +10,6 @@ model or pid, 413 oversized body or prompt, 429 quota (with Retry-After), 500 on
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import threading

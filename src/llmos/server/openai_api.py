@@ -411,6 +411,17 @@ def sse(data: dict) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+async def collect_all(job: Job, request: Request, state: ServerState) -> list | None:
+    """A non-streaming request's choices when its processes end (None when the client went away first: they
+    are killed); the job is closed (tokens charged) either way."""
+    try:
+        return await collect(job, request)
+    except ClientGone:
+        return None
+    finally:
+        job.close(state.rate)
+
+
 async def _start(request: Request, p: Principal, body: _Sampling, prompts_of, max_tokens_of, logprobs: int | None
                  ) -> tuple[ServerState, Job, Tokenizer]:
     """Quota check, model, prompts, spawn: the common start of both generation endpoints."""
@@ -476,12 +487,9 @@ async def completions(body: CompletionRequest, request: Request, p: Principal = 
                 "choices": choices, **extra}
 
     if not body.stream:
-        try:
-            choices = await collect(job, request)
-        except ClientGone:
+        choices = await collect_all(job, request, state)
+        if choices is None:
             return Response(status_code=CLIENT_CLOSED)
-        finally:
-            job.close(state.rate)
         out = [{"index": i, "text": echoes[i] + c.text, "finish_reason": c.finish_reason,
                 "logprobs": lp_builders[i].add(c.token_ids, c.logprobs) if body.logprobs is not None else None}
                for i, c in enumerate(choices)]
@@ -535,12 +543,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, p: Pri
                 "choices": choices, **extra}
 
     if not body.stream:
-        try:
-            choices = await collect(job, request)
-        except ClientGone:
+        choices = await collect_all(job, request, state)
+        if choices is None:
             return Response(status_code=CLIENT_CLOSED)
-        finally:
-            job.close(state.rate)
         out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                 "logprobs": chat_logprobs(tokens, c.token_ids, c.logprobs) if body.logprobs else None}
                for i, c in enumerate(choices)]
