@@ -1,7 +1,8 @@
-"""Training data: text files in, a packed token stream and random [batch, seq_len + 1] windows out.
+"""Training data held in memory: text files in, a packed token stream and random [batch, seq_len + 1] windows out.
 
-Owns reading and validating the user's text, packing and the train/validation split.
-Never trains a tokenizer (bpe.py) and never touches a model.
+Owns the in-memory path (the whole corpus as one array) that the original trainer uses. The streaming
+path for any corpus size is `llmos.train.sources` (documents) and `llmos.train.shards` (token shards
+on disk, same stream layout). Never trains a tokenizer (bpe.py) and never touches a model.
 
 Stream layout (the documented separator): every document (one file) is preceded by the
 end-of-text token, and the stream ends with one:
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from llmos.errors import DataError
+from llmos.train.sources import read_text_file
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -53,22 +55,8 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_document(path: str | Path) -> str:
-    """One file's text. Raises `DataError` for empty, binary or non-UTF-8 files."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} looks binary (it contains NUL bytes); train on plain .txt/.md text files only.")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-            f"convert it first, e.g. `iconv -f latin1 -t utf-8 {path}`, or remove it from --data."
-        ) from None
-    text = text.lstrip("\ufeff")
-    if not text.strip():
-        raise DataError(f"{path} is empty; remove it from --data or put text in it.")
-    return text
+    """One file's text. Raises `DataError` for empty, binary or non-UTF-8 files (see `sources.read_text_file`)."""
+    return read_text_file(path)
 
 
 def read_documents(paths: Iterable[str | Path]) -> list[str]:
