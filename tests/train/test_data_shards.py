@@ -330,3 +330,16 @@ def test_refuses_a_directory_of_other_files_and_reads_truncated_shards_as_errors
     prepare_shards([tmp_path / "a.txt"], tmp_path / "s", tok, seq_len=8, progress=False)  # rebuilt
     with pytest.raises(DataError, match="no 'test' split"):
         ShardSplit(tmp_path / "s", "test")
+
+
+def test_document_separator_choice():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from llmos.train.shards import separator_id
+
+    backend = lambda: HFTokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2}, unk_token="a"))  # noqa: E731
+    assert separator_id(Tokenizer(backend(), {"bos_token": "<s>", "eos_token": "</s>"})) == 0  # Llama: BOS
+    assert separator_id(Tokenizer(backend(), {"eos_token": "</s>"})) == 1
+    with pytest.raises(DataError, match="no <\\|endoftext\\|>, BOS or EOS token"):
+        separator_id(Tokenizer(backend(), {}))

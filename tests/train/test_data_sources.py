@@ -205,10 +205,13 @@ def test_csv_without_the_column_lists_its_columns(tmp_path):
     assert docs_of([tmp_path / "d.csv"], text_column="review", label_column="stars")[0].label == "5"
 
 
-def test_jsonl_require_label(tmp_path):
+def test_require_label(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
     with pytest.raises(DataError, match=r"d.jsonl:2 has no 'label' key"):
         docs_of([tmp_path / "d.jsonl"], require_label=True)
+    (tmp_path / "t.txt").write_text("no label here")
+    with pytest.raises(DataError, match=r"t.txt is a plain-text file, which has no 'label' label"):
+        docs_of([tmp_path / "t.txt"], require_label=True)
 
 
 def test_csv_short_row_and_bad_quoting(tmp_path):

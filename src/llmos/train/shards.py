@@ -44,20 +44,23 @@ KINDS = ("lm", "sft")
 CHUNK_WINDOWS = 8  # validation chunks are this many training windows long
 _SHARD_FILE = re.compile(r"^(train|val)-\d{5}\.(bin|mask)$")
 _ENDOFTEXT = "<|endoftext|>"
+_NO_TEMPLATE = ("supervised fine-tuning (--task sft) needs a tokenizer with a chat template: train a new "
+                "tokenizer with --chat-tokens, or start from a chat model (--init-from).")
 
 
 def separator_id(tokenizer: Tokenizer) -> int:
     """The document separator (`eot_id`): `<|endoftext|>` if the vocabulary has it (GPT-2, Qwen and
-    llmos tokenizers), else the tokenizer's EOS, else its BOS. Raises `DataError` if it has none."""
+    llmos tokenizers), else the BOS token (Llama: every document then starts as a prompt does), else
+    the EOS token. Raises `DataError` if the tokenizer has none of them."""
     eot = tokenizer.backend.token_to_id(_ENDOFTEXT)
     if eot is not None:
         return eot
-    if tokenizer.eos_token_ids:
-        return tokenizer.eos_token_ids[0]
     if tokenizer.bos_token_id is not None:
         return tokenizer.bos_token_id
-    raise DataError("the tokenizer has no <|endoftext|>, EOS or BOS token to separate documents; use a "
-                    "tokenizer that defines eos_token in tokenizer_config.json.")
+    if tokenizer.eos_token_ids:
+        return tokenizer.eos_token_ids[0]
+    raise DataError("the tokenizer has no <|endoftext|>, BOS or EOS token to separate documents; use a "
+                    "tokenizer that defines bos_token or eos_token in tokenizer_config.json.")
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -115,8 +118,7 @@ def prepare_shards(
     _check_settings(kind, seq_len, val_fraction, shard_tokens, batch_documents, batch_chars)
     check_processing(normalize)
     if kind == "sft" and not tokenizer.has_chat_template:
-        raise DataError("supervised fine-tuning (--task sft) needs a tokenizer with a chat template: train a "
-                        "new tokenizer with --chat-tokens, or start from a chat model (--init-from).")
+        raise DataError(_NO_TEMPLATE)
     out = Path(out_dir)
     files = collect_data_files(paths)
     settings = {"kind": kind, "seq_len": seq_len, "val_fraction": val_fraction, "text_field": text_field,
@@ -197,6 +199,8 @@ def sft_mask(tokenizer: Tokenizer, messages: Sequence[dict], source: str = "") -
     breaks it (e.g. one that rewrites earlier turns) raises `DataError`, as does a conversation without
     an assistant message. One call tokenizes one conversation; `prepare_shards` batches many.
     """
+    if not tokenizer.has_chat_template:
+        raise DataError(_NO_TEMPLATE)
     texts, turns = _sft_texts(tokenizer, messages, source)
     ids = tokenizer.encode_batch(texts, add_special_tokens=False)
     return _sft_from_ids(ids, turns, set(tokenizer.eos_token_ids), source)

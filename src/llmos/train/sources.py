@@ -157,7 +157,8 @@ def iter_documents(
 
     Files are opened one at a time and read line by line (a .txt/.md file whole), so memory holds one
     document plus the de-duplication hashes (~100 bytes per unique document when `dedup`). With
-    `require_label`, every CSV must have `label_column` and every JSONL object must have that key.
+    `require_label`, every CSV must have `label_column`, every JSONL object must have that key, and
+    plain-text files are refused.
     `stats` (optional) is filled in as documents stream.
 
     Raises `DataError` naming the file (and line) for: a missing path, an empty, binary (NUL bytes) or
@@ -177,6 +178,9 @@ def iter_documents(
             raw_docs = _read_jsonl(path, text_field, messages_field, label_column, require_label)
         elif suffix in CSV_SUFFIXES:
             raw_docs = _read_csv(path, text_column, label_column, require_label)
+        elif require_label:
+            raise DataError(f"{path} is a plain-text file, which has no {label_column!r} label; labelled data "
+                            f"is a .csv with a {label_column!r} column or .jsonl lines with a {label_column!r} key.")
         else:
             raw_docs = iter([Document(text=read_text_file(path), source=str(path))])
         for doc in raw_docs:
@@ -206,9 +210,8 @@ def _probe(path: Path) -> None:
     """Raise `DataError` if `path` is empty or binary (a NUL byte in its first 8 KiB)."""
     with path.open("rb") as f:
         head = f.read(BINARY_PROBE_BYTES)
-    if not head.strip():
-        if path.stat().st_size <= len(head):
-            raise DataError(f"{path} is empty; remove it from --data or put text in it.")
+    if not head.strip() and path.stat().st_size <= len(head):
+        raise DataError(f"{path} is empty; remove it from --data or put text in it.")
     if b"\x00" in head:
         raise DataError(f"{path} looks binary (it contains NUL bytes); train on text files only "
                         f"(.txt, .md, .jsonl, .csv).")
