@@ -343,3 +343,30 @@ def test_document_separator_choice():
     assert separator_id(Tokenizer(backend(), {"eos_token": "</s>"})) == 1
     with pytest.raises(DataError, match="no <\\|endoftext\\|>, BOS or EOS token"):
         separator_id(Tokenizer(backend(), {}))
+
+
+def test_sigkill_before_the_manifest_leaves_an_unused_dir_that_is_rebuilt(tmp_path, chat_tok):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a.txt").write_text(TEXT * 6)
+    script = (
+        "import os, signal, sys\n"
+        "import llmos.train.shards as s\n"
+        "from llmos.model.tokenizer import Tokenizer\n"
+        "s._write_manifest = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s.prepare_shards([sys.argv[1]], sys.argv[2], Tokenizer.from_dir(sys.argv[3]), seq_len=8, shard_tokens=32,"
+        " progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.txt"), str(tmp_path / "s"), str(chat_tok)],
+                          env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    left = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert "train-00000.bin" in left and "manifest.json" not in left  # killed after the shards, before the manifest
+    with pytest.raises(DataError, match="no prepared token shards"):
+        ShardSplit(tmp_path / "s", "train")
+    manifest = prepare_shards([tmp_path / "a.txt"], tmp_path / "s", Tokenizer.from_dir(chat_tok), seq_len=8,
+                              shard_tokens=32, progress=False)
+    assert len(ShardSplit(tmp_path / "s", "train")) == manifest["tokens"]["train"] > 0
