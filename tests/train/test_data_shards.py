@@ -80,7 +80,8 @@ def test_round_trip_equals_brute_force_tokenization(tmp_path, tok):
     assert (tmp_path / "shards" / "train-00000.bin").stat().st_size == 100  # raw uint16
     raw = np.fromfile(tmp_path / "shards" / "train-00001.bin", dtype="<u2")
     assert raw.tolist() == expected[50:100]
-    assert read_manifest(tmp_path / "shards") == manifest == json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    on_disk = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert read_manifest(tmp_path / "shards") == manifest == on_disk
     # windows across file boundaries
     for start, length in ((45, 10), (0, len(expected)), (99, 2), (len(expected) - 1, 1), (7, 0)):
         assert train.window(start, length)[0].tolist() == expected[start:start + length]

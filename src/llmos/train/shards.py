@@ -313,7 +313,8 @@ class _SplitWriter:
     """Appends tokens (and masks) of one split to `<split>-NNNNN.bin/.mask`, at most `shard_tokens` per file."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, masked: bool):
-        self.directory, self.split, self.dtype, self.shard_tokens, self.masked = directory, split, dtype, shard_tokens, masked
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.shard_tokens, self.masked = shard_tokens, masked
         self.entries: list[dict] = []  # manifest rows: {"file", "tokens", "mask"}
         self._bin = self._mask = None
 
@@ -521,7 +522,8 @@ class ShardSplit:
     def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens `[start, start + length)` of the split as int64 (and the mask as bool, or None)."""
         if start < 0 or length < 0 or start + length > len(self):
-            raise IndexError(f"window [{start}, {start + length}) is outside the {self.split} split of {len(self)} tokens")
+            raise IndexError(f"window [{start}, {start + length}) is outside the {self.split} split "
+                             f"of {len(self)} tokens")
         tokens = np.empty(length, np.int64)
         mask = np.empty(length, np.bool_) if self._masks is not None else None
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
