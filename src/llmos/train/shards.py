@@ -507,7 +507,7 @@ class ShardSplit:
         _check_files(self.directory, self.manifest)
         self.split = split
         self.kind = self.manifest["kind"]
-        self.dtype = np.dtype(self.manifest["dtype"])
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.eot_id = self.manifest["eot_id"]
         entries = [e for e in self.manifest["splits"][split] if e["tokens"] > 0]
         self._tokens = [np.memmap(self.directory / e["file"], self.dtype, mode="r", shape=(e["tokens"],))
