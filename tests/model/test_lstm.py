@@ -148,7 +148,8 @@ def test_two_segments_may_not_write_one_slot():
 
 def test_config_round_trips_through_config_json():
     c = config(tie_word_embeddings=True, dropout=0.25, max_position_embeddings=512, bos_token_id=0,
-               eos_token_ids=[1], num_heads=8, intermediate_size=999)  # attention fields mean nothing here
+               eos_token_ids=[1], num_heads=8, intermediate_size=999, rope_theta=5e5,
+               norm_eps=1e-6)  # transformer fields mean nothing here
     hf = c.to_hf()
     assert hf["model_type"] == "llmos_lstm" and hf["architectures"] == ["LlmosLSTMForCausalLM"]
     assert ModelConfig.from_hf(json.loads(json.dumps(hf))) == c

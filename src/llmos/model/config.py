@@ -40,8 +40,8 @@ class ModelConfig:
     The transformers need every shape field. An LSTM needs only `vocab_size`, `hidden_size` (the
     embedding and LSTM width) and `num_layers`; `dropout` (training only), `tie_word_embeddings`,
     bos/eos ids and `max_position_embeddings` (the context the kernel serves, default 2048) are
-    optional, and the attention fields are fixed (one "head" of width hidden_size, no RoPE, no
-    biases) so that a config survives `to_hf` / `from_hf` unchanged.
+    optional, and the transformer fields are fixed whatever is passed (one "head" of width hidden_size,
+    no RoPE scaling, no biases, hidden_act "tanh") so that a config survives `to_hf` / `from_hf` unchanged.
     """
 
     model_type: str
@@ -83,6 +83,7 @@ class ModelConfig:
             self.max_position_embeddings = LSTM_DEFAULT_CONTEXT
         self.rope_scaling, self.sliding_window = None, None
         self.attention_bias = self.o_proj_bias = self.mlp_bias = False
+        self.norm_eps, self.rope_theta, self.hidden_act = 1e-5, 10000.0, "tanh"
 
     @property
     def family(self) -> str:
