@@ -5,6 +5,7 @@ kernel's sampler and seed rule; block accounting is checked after every step."""
 
 import random
 import shutil
+from dataclasses import fields
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from llmos.cli import main as cli
-from llmos.errors import InvalidRequestError
+from llmos.errors import HibernationError, InvalidRequestError
 from llmos.kernel import syscalls
-from llmos.kernel.hibernate import HibernationStore
+from llmos.kernel.hibernate import HibernationImage, HibernationStore, save_image
 from llmos.kernel.kernel import Kernel, KernelConfig
 from llmos.kernel.kvcache import StatePool
 from llmos.kernel.proc import ProcState
@@ -206,6 +207,24 @@ def test_same_tokens_after_hibernate_and_restore_into_a_new_kernel(lstm_dir, tmp
         k2.step()
         check(k2)
     assert [q.output_token_ids for q in restored] == expected[3:6]
+
+
+def test_state_images_are_checked_and_refused_by_another_model(lstm_dir, tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    k = make(lstm_dir, store)
+    p = k.spawn(ids(10, 1), SamplingParams(max_tokens=10, **GREEDY))
+    k.step()
+    hid = k.hibernate(p.pid)
+    with pytest.raises(HibernationError, match="not the model this kernel runs"):
+        Kernel(tiny_model_dir, KernelConfig(kv_memory="16MiB", hibernate_dir=str(store))).restore(hid)
+    image = HibernationStore(store).load(hid, "local")
+    for change, problem in [(dict(num_computed_tokens=0), "state is present but num_computed_tokens is 0"),
+                            (dict(kv=torch.zeros(2, 2, 1, CONTEXT, 1, HIDDEN)), "kv and state are both present"),
+                            (dict(state=torch.zeros(2, HIDDEN)), "expected floating point .num_layers, 2, hidden.")]:
+        bad = HibernationImage(**{**{f.name: getattr(image, f.name) for f in fields(image)}, **change})
+        with pytest.raises(ValueError, match=problem):
+            save_image(tmp_path / "bad.safetensors", bad)
+    assert make(lstm_dir, store).restore(hid).num_computed_tokens == 10
 
 
 def test_fork_shares_the_slot_copies_it_on_write_and_children_sample_like_fresh_processes(lstm_dir, tmp_path,
