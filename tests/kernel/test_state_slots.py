@@ -24,10 +24,18 @@ from llmos.model.loader import load_model, save_model
 from llmos.model.sampling import Sampler, SamplingParams, make_generator
 from llmos.model.transformer import build_model
 
-torch.set_num_threads(1)
 GREEDY = dict(temperature=0, ignore_eos=True)
 LAYERS, HIDDEN, CONTEXT = 2, 32, 160
 SLOT = StatePool.bytes_per_slot(LAYERS, HIDDEN, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread in these tests (the machine is shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,14 @@ from llmos.model.loader import load_model, save_model
 from llmos.model.lstm import LSTMForCausalLM, StateSegment
 from llmos.model.transformer import build_model
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread in these tests (the machine is shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def config(**kw):

@@ -556,7 +556,8 @@ class Kernel(MemoryHooks):
         cache (reclaimable like any cached block). Blocks already cached are reused, not rewritten; the prefix
         cache's query and hit counters are left as they were (warming is not a lookup).
         Returns the leading full blocks of `token_ids` now cached (0 with the prefix cache off, for a recurrent
-        model, or when the pool has no room for them). Raises ValueError when `kv`'s layers, heads or head_dim are not this pool's.
+        model, or when the pool has no room for them). Raises ValueError when `kv`'s layers, heads or head_dim
+        are not this pool's.
         """
         if self.recurrent:
             return 0  # no prefix cache for state slots
