@@ -5,7 +5,8 @@ Owns the image format (one safetensors file, written atomically, checksummed) an
 (LLMOS_HOME/hibernate/<owner digest>/<hid>.safetensors). Never unpickles, never overwrites a good image
 with a partial one, and never touches the scheduler's queues: the kernel decides when to hibernate.
 
-File layout: tensors "kv" [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] and
+File layout: tensors "kv" [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] (a transformer's
+K/V) or "state" [num_layers, 2, hidden] (a recurrent model's (h, c) state slot, see kvcache.py) and
 "rng_state" [n] uint8 (each only when present); `__metadata__` holds "llmos_hibernation", a JSON document
 with every other field plus the format version and the sha256 of the tensor bytes, and
 "llmos_hibernation_sha256", the sha256 of that document. So damage to the tensor data and damage to the
@@ -41,7 +42,7 @@ DOC_KEY = "llmos_hibernation"
 DOC_SHA_KEY = "llmos_hibernation_sha256"
 SUFFIX = ".safetensors"
 HID_PATTERN = re.compile(r"h[0-9a-f]{10}")
-TENSOR_FIELDS = ("kv", "rng_state")
+TENSOR_FIELDS = ("kv", "rng_state", "state")
 # ModelConfig fields that decide what K/V a token gets (bos/eos ids and torch_dtype do not; dtype is separate).
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                "intermediate_size", "max_position_embeddings", "head_dim", "norm_eps", "rope_theta",
@@ -64,7 +65,9 @@ class HibernationImage:
     `params_to_dict`). `rng_state`: uint8 [n] from `torch.Generator.get_state()` of the process's seeded
     generator on a `rng_device` ("cpu"/"cuda") generator; both None when it had none (no seed).
     `kv`: [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] in block-table order,
-    num_blocks >= ceil(num_computed_tokens / block_size); None exactly when num_computed_tokens == 0.
+    num_blocks >= ceil(num_computed_tokens / block_size). `state`: a recurrent model's state slot after
+    num_computed_tokens tokens, [num_layers, 2 (h, c), hidden]. At most one of the two is given, and
+    neither exactly when num_computed_tokens == 0.
     `block_size`: tokens per block in `kv`. `created`: unix time (seconds). `hid`: image id (`new_hid`).
     `text`: output text released so far. `num_preemptions`: carried over into the resumed Process.
     `extra`: any other JSON-able state the kernel wants back (e.g. held characters of the stream).
@@ -82,6 +85,7 @@ class HibernationImage:
     rng_state: torch.Tensor | None = None
     rng_device: str | None = None
     kv: torch.Tensor | None = None
+    state: torch.Tensor | None = None
     created: float = field(default_factory=time.time)
     hid: str = field(default_factory=new_hid)
     text: str = ""
@@ -118,16 +122,18 @@ class HibernationImage:
 
     @classmethod
     def from_process(cls, p: Process, *, model_fingerprint: str, block_size: int, kv: torch.Tensor | None,
-                     generator: torch.Generator | None, text: str = "", extra: dict | None = None) -> HibernationImage:
-        """An image of `p`. `kv` comes from `gather_kv` (None drops the cache: the image then records
-        num_computed_tokens = 0 and the resumed process recomputes everything)."""
+                     generator: torch.Generator | None, text: str = "", extra: dict | None = None,
+                     state: torch.Tensor | None = None) -> HibernationImage:
+        """An image of `p`. `kv` comes from `gather_kv`, or `state` from a recurrent model's slot (None for
+        both drops the cache: the image then records num_computed_tokens = 0 and the resumed process
+        recomputes everything)."""
         return cls(owner=p.owner, model_name=p.model, model_fingerprint=model_fingerprint,
                    prompt_token_ids=list(p.prompt_token_ids), output_token_ids=list(p.output_token_ids),
-                   num_computed_tokens=p.num_computed_tokens if kv is not None else 0,
+                   num_computed_tokens=p.num_computed_tokens if kv is not None or state is not None else 0,
                    params=params_to_dict(p.params), block_size=block_size, priority=p.priority,
                    rng_state=None if generator is None else generator.get_state(),
                    rng_device=None if generator is None else generator.device.type,
-                   kv=kv, text=text, num_preemptions=p.num_preemptions, extra=dict(extra or {}))
+                   kv=kv, state=state, text=text, num_preemptions=p.num_preemptions, extra=dict(extra or {}))
 
     def to_process(self, pid: int) -> Process:
         """A NEW Process with this image's tokens, params and counters (the kernel admits it and puts
@@ -196,6 +202,20 @@ def scatter_kv(image: HibernationImage, kv_caches: list[tuple[torch.Tensor, torc
     for layer, (k, v) in enumerate(kv_caches):
         k.view(-1, heads, head_dim)[slots] = tokens[layer, 0].to(k.device, k.dtype)
         v.view(-1, heads, head_dim)[slots] = tokens[layer, 1].to(v.device, v.dtype)
+
+
+def scatter_state(image: HibernationImage, pool, slot: int) -> None:
+    """Write `image.state` [num_layers, 2, hidden] into state slot `slot` of `pool` (a kvcache.StatePool).
+    Raises `HibernationError` when its layers / width do not match the pool (it comes from another model)."""
+    if image.state is None:
+        return
+    want = (pool.num_layers, 2, pool.hidden_size)
+    if tuple(image.state.shape) != want:
+        raise HibernationError(
+            f"hibernated process {image.hid} holds a recurrent state of shape {list(image.state.shape)}, but this "
+            f"kernel's model keeps {list(want)}; it was hibernated from model {image.model_name!r}: load that model "
+            "to resume it.")
+    pool.write_state(slot, image.state)
 
 
 # ---- fingerprints -------------------------------------------------------------------------------------
@@ -475,9 +495,17 @@ def _problems(image: HibernationImage) -> list[str]:
         params_from_dict(image.params).validate()
     except (TypeError, InvalidRequestError) as e:
         out.append(f"bad sampling parameters ({e})")
-    kv = image.kv
-    if (kv is None) != (n == 0):
-        out.append(f"kv is {'missing' if kv is None else 'present'} but num_computed_tokens is {n}")
+    kv, state = image.kv, image.state
+    held = kv if kv is not None else state
+    if kv is not None and state is not None:
+        out.append("kv and state are both present; an image holds one or the other")
+    elif (held is None) != (n == 0):
+        out.append(f"{'state' if state is not None else 'kv'} is {'missing' if held is None else 'present'} "
+                   f"but num_computed_tokens is {n}")
+    elif state is not None:
+        if state.dim() != 3 or state.shape[1] != 2 or not state.is_floating_point():
+            out.append(f"state has shape {list(state.shape)} ({state.dtype}); expected floating point "
+                       "[num_layers, 2, hidden]")
     elif kv is not None:
         if kv.dim() != 6 or kv.shape[1] != 2 or kv.shape[3] != image.block_size or not kv.is_floating_point():
             out.append(f"kv has shape {list(kv.shape)} ({kv.dtype}); expected floating point [num_layers, 2, "

@@ -5,6 +5,11 @@ Owns the process table, the model, the KV pool and its host swap pool, every pro
 the hibernation store. Each `step()` runs one batch; a finished or killed process gives back its blocks in
 the same step. Never parses user-facing input formats (that is the front ends' job) and never sleeps.
 
+A recurrent model (the LSTM) gets a StatePool instead of a KV pool, sized from the same `kv_memory` budget:
+its blocks are state slots, one per process whatever its length (block size = the context length; see
+kvcache.py, "State slots"), with the prefix cache off. Everything below (preemption, swap, suspend, fork,
+hibernate, per-owner block limits) then works on slots unchanged; `KernelConfig.block_size` is ignored.
+
 Memory policy (what happens when the KV pool runs out), stated once here and in docs/design.md:
   - The scheduler's policy picks the victim (fcfs: the newest running process; priority: the
     worst-priority one; fair: the newest of the most-served owner).
@@ -37,8 +42,8 @@ from llmos.errors import (HibernationError, InvalidRequestError, OutOfBlocksErro
                           QuotaExceededError)
 from llmos.kernel import proc
 from llmos.kernel.hibernate import (HibernationImage, HibernationStore, default_store, model_fingerprint,
-                                    scatter_kv, weights_fingerprint)
-from llmos.kernel.kvcache import BlockManager, KVPool, SwapPool, parse_memory_budget
+                                    scatter_kv, scatter_state, weights_fingerprint)
+from llmos.kernel.kvcache import BlockManager, KVPool, StatePool, SwapPool, parse_memory_budget
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.runner import ModelRunner
 from llmos.kernel.sched import MemoryHooks, Scheduler
@@ -55,7 +60,8 @@ class KernelConfig:
 
     `kv_memory`: KV pool budget: bytes, a size string ("2GiB") or a fraction of free memory (0.3).
     `swap_memory`: host swap pool budget, same forms; 0 disables swapping (preemption then recomputes).
-    `block_size`: tokens per KV block. `max_num_seqs`: running processes at most.
+    `block_size`: tokens per KV block (ignored for a recurrent model: one state slot per process).
+    `max_num_seqs`: running processes at most.
     `max_num_batched_tokens`: the per-step token budget (prefill chunks + decodes).
     `policy`: "fcfs", "priority" or "fair" (see sched.py). `rr_quantum`: preempt a process that decoded
     this many tokens while others wait (round robin; None = off). `enable_prefix_cache`: share full
@@ -146,10 +152,13 @@ class Kernel(MemoryHooks):
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.context_length = self.model_config.context_length
+        self.recurrent = self.model_config.is_recurrent
+        # Tokens per block: a recurrent model's one state slot covers its whole context.
+        self.block_size = self.context_length if self.recurrent else config.block_size
         self.pool = self._make_pool()
         self.swap_pool = self._make_swap_pool()
-        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, self.swap_pool.num_blocks,
-                                          enable_prefix_cache=config.enable_prefix_cache)
+        self.block_manager = BlockManager(self.pool.num_blocks, self.block_size, self.swap_pool.num_blocks,
+                                          enable_prefix_cache=config.enable_prefix_cache and not self.recurrent)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    policy=config.policy, rr_quantum=config.rr_quantum, memory=self)
         self.runner = ModelRunner(self.model, self.pool, self.swap_pool, self.block_manager, self.device)
@@ -169,36 +178,46 @@ class Kernel(MemoryHooks):
         self.prefill_s_per_token = 1e-4  # measured, see prefer_swap
         self._fingerprint: str | None = None
 
-    def _make_pool(self) -> KVPool:
+    def _bytes_per_block(self, dtype: torch.dtype) -> int:
+        mc = self.model_config
+        if self.recurrent:
+            return StatePool.bytes_per_slot(mc.num_layers, mc.hidden_size, dtype)
+        return KVPool.bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.block_size, dtype)
+
+    def _make_pool(self) -> KVPool | StatePool:
         c, mc = self.config, self.model_config
         if c.block_size < 1 or c.max_num_seqs < 1 or c.max_num_batched_tokens < 1:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1.")
         dtype = next(self.model.parameters()).dtype
-        per_block = KVPool.bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, c.block_size, dtype)
+        per_block = self._bytes_per_block(dtype)
         budget = parse_memory_budget(c.kv_memory, self.device)
-        blocks_per_seq = -(-self.context_length // c.block_size)
+        blocks_per_seq = -(-self.context_length // self.block_size)
         num_blocks = min(KVPool.num_blocks_for_budget(budget, per_block), c.max_num_seqs * blocks_per_seq)
         if num_blocks < 1:
-            raise InvalidRequestError(f"KV memory budget {c.kv_memory!r} ({budget} bytes) holds no block of "
+            what = "state slot" if self.recurrent else "block"
+            raise InvalidRequestError(f"KV memory budget {c.kv_memory!r} ({budget} bytes) holds no {what} of "
                                       f"{per_block} bytes; give a size such as 1GiB or a fraction of free memory "
                                       "such as 0.25 (a bare integer counts bytes).")
+        if self.recurrent:
+            return StatePool(mc.num_layers, mc.hidden_size, num_blocks, dtype, self.device)
         return KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype, self.device)
 
     def _make_swap_pool(self) -> SwapPool:
-        c, mc = self.config, self.model_config
+        c = self.config
         dtype = self.pool.dtype
-        per_block = KVPool.bytes_per_block(mc.num_layers, mc.num_kv_heads, mc.head_dim, c.block_size, dtype)
+        per_block = self._bytes_per_block(dtype)
         if _is_zero_size(c.swap_memory):
             num_blocks = 0
         else:
             budget = parse_memory_budget(c.swap_memory, "cpu")
             # More swap than could ever be filled (every seat's whole context) is wasted host memory.
-            cap = c.max_num_seqs * 4 * -(-self.context_length // c.block_size)
+            cap = c.max_num_seqs * 4 * -(-self.context_length // self.block_size)
             num_blocks = min(KVPool.num_blocks_for_budget(budget, per_block), cap)
             if num_blocks < 1:
                 raise InvalidRequestError(f"swap memory {c.swap_memory!r} ({budget} bytes) holds no KV block of "
                                           f"{per_block} bytes; give at least that much (e.g. 256MiB), or 0 for no swap.")
-        return SwapPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, c.block_size, dtype)
+        p = self.pool  # the same layout as the device pool (a StatePool's: one one-token block per slot)
+        return SwapPool(p.num_layers, p.num_kv_heads, p.head_dim, num_blocks, p.block_size, dtype)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -445,17 +464,21 @@ class Kernel(MemoryHooks):
 
     def _image(self, p: Process) -> HibernationImage:
         bm, s = self.block_manager, self.streams[p.pid]
-        kv = None
+        kv = state = None
         if p.num_computed_tokens:
             n = bm.blocks_needed(p.num_computed_tokens)
             if bm.is_swapped(p.pid):
-                kv = self.swap_pool.read_blocks(bm.swap_tables[p.pid][:n])
+                blocks = self.swap_pool.read_blocks(bm.swap_tables[p.pid][:n])
             else:
-                kv = self.pool.read_blocks(bm.block_table(p.pid)[:n])
+                blocks = self.pool.read_blocks(bm.block_table(p.pid)[:n])
+            if self.recurrent:  # one slot: [num_layers, 2, 1, 1, 1, hidden] -> [num_layers, 2, hidden]
+                state = blocks.reshape(self.pool.num_layers, 2, self.pool.head_dim)
+            else:
+                kv = blocks
         extra = {"pending_forks": self._pending_forks[p.pid]} if p.pid in self._pending_forks else None
         return HibernationImage.from_process(p, model_fingerprint=self.fingerprint, block_size=bm.block_size, kv=kv,
-                                             generator=self.runner.generators.get(p.pid), text=s.text[:s.released],
-                                             extra=extra)
+                                             state=state, generator=self.runner.generators.get(p.pid),
+                                             text=s.text[:s.released], extra=extra)
 
     def restore(self, hid: str, owner: str = "local") -> Process:
         """Bring back a hibernated process as a new READY process (new pid) with the same tokens, sampling
@@ -491,9 +514,18 @@ class Kernel(MemoryHooks):
             if isinstance(forks, int) and 0 < forks < 64 and not p.output_token_ids:
                 self._pending_forks[p.pid] = forks
             bm = self.block_manager
-            if image.kv is not None and bm.can_allocate(p.pid, image.num_computed_tokens):
+            held = image.state if self.recurrent else image.kv
+            if held is not None and bm.can_allocate(p.pid, image.num_computed_tokens):
                 table = bm.allocate(p.pid, image.num_computed_tokens)
-                scatter_kv(image, self.pool.kv_caches, table)
+                self._apply_ops()  # pending moves read their blocks before this one is written
+                try:
+                    if self.recurrent:
+                        scatter_state(image, self.pool, table[0])
+                    else:
+                        scatter_kv(image, self.pool.kv_caches, table)
+                except HibernationError:
+                    bm.free(p.pid)
+                    raise
                 p.num_computed_tokens = image.num_computed_tokens
             if generator is not None:
                 self.runner.generators[p.pid] = generator
@@ -523,9 +555,12 @@ class Kernel(MemoryHooks):
         cached: blocks are allocated, written, committed under their chain hashes and freed, so they sit in the
         cache (reclaimable like any cached block). Blocks already cached are reused, not rewritten; the prefix
         cache's query and hit counters are left as they were (warming is not a lookup).
-        Returns the leading full blocks of `token_ids` now cached (0 with the prefix cache off, or when the
-        pool has no room for them). Raises ValueError when `kv`'s layers, heads or head_dim are not this pool's.
+        Returns the leading full blocks of `token_ids` now cached (0 with the prefix cache off, for a recurrent
+        model, or when the pool has no room for them). Raises ValueError when `kv`'s layers, heads or head_dim
+        are not this pool's.
         """
+        if self.recurrent:
+            return 0  # no prefix cache for state slots
         layers, _, blocks, kv_block_size, heads, head_dim = kv.shape
         pool, bm = self.pool, self.block_manager
         if (layers, heads, head_dim) != (pool.num_layers, pool.num_kv_heads, pool.head_dim):

@@ -1,9 +1,23 @@
-"""Paged KV memory: block accounting (BlockManager), the preallocated tensors (KVPool, SwapPool),
-the replay of the manager's data moves (apply_block_ops), and the memory budget that sizes them.
+"""Paged KV memory: block accounting (BlockManager), the preallocated tensors (KVPool, SwapPool, and
+StatePool for recurrent models), the replay of the manager's data moves (apply_block_ops), and the
+memory budget that sizes them.
 
 BlockManager owns which block belongs to which pid, which full blocks are cached by content, and
-what data must move; it never touches tensors, processes or the scheduler's queues. KVPool and
-SwapPool own the tensors; they never decide who gets a block.
+what data must move; it never touches tensors, processes or the scheduler's queues. KVPool, StatePool
+and SwapPool own the tensors; they never decide who gets a block.
+
+State slots (recurrent models such as the LSTM). A recurrent model's memory of a sequence is a
+fixed-size state, (h, c) per layer, whatever its length. The kernel maps it onto the same machinery
+with no special case in BlockManager or the scheduler: the block manager's block size is the model's
+context length, so every process needs exactly one block (`blocks_needed(n) == 1` for 1 <= n <= context),
+and block b is state slot b of a StatePool, a KVPool of one one-token "block" per slot (one head of width
+hidden: `kv_caches[layer] = (h, c)`, each [num_slots, 1, 1, hidden]). So allocate/free, ref counts,
+per-owner block limits and the accounting invariants count slots; a fork shares the parent's slot and
+copy-on-write copies it on the first write after the fork (every step writes the slot, so any step is a
+write from `num_computed_tokens` on); swap out/in and hibernation move slot contents through the same
+copy log, SwapPool and images. The prefix cache is off for state slots: a state is not a content-
+addressed token block (it summarises the whole prefix, and is overwritten every step). Preemption by
+recompute frees the slot; the process's next step starts from the zero state and recomputes all tokens.
 """
 
 from __future__ import annotations
@@ -538,6 +552,44 @@ class KVPool(_PagedTensors):
         for k, v in self.kv_caches:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
+
+
+class StatePool(KVPool):
+    """Recurrent state slots (see the module docstring) in the KV pool's layout, so that copy-on-write
+    copies, swaps (`apply_block_ops`, SwapPool) and hibernation move them exactly as they move K/V blocks:
+    `kv_caches[layer] = (h, c)`, each `[num_slots, 1, 1, hidden]`; slot s of every layer belongs to
+    whoever the BlockManager gave block s. Left uninitialized: a process's first step starts from zeros
+    and never reads its slot (`StateSegment.fresh`)."""
+
+    def __init__(self, num_layers: int, hidden_size: int, num_slots: int, dtype: torch.dtype = torch.float32,
+                 device="cpu"):
+        super().__init__(num_layers, 1, hidden_size, num_slots, block_size=1, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, hidden_size: int, dtype: torch.dtype) -> int:
+        """Bytes one slot takes: h and c of every layer, 2 * layers * hidden * element size."""
+        return KVPool.bytes_per_block(num_layers, 1, hidden_size, 1, dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head_dim
+
+    def states(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer `(h, c)`, each `[num_slots, hidden]`: views of the pool the model reads and writes in place."""
+        return [(h.view(self.num_blocks, self.head_dim), c.view(self.num_blocks, self.head_dim))
+                for h, c in self.kv_caches]
+
+    def read_state(self, slot: int) -> torch.Tensor:
+        """Slot `slot`'s state as a CPU tensor `[num_layers, 2 (h, c), hidden]`."""
+        return self.read_blocks([slot]).reshape(self.num_layers, 2, self.head_dim)
+
+    def write_state(self, slot: int, state: torch.Tensor) -> None:
+        """Write `state` `[num_layers, 2, hidden]` (any device, cast to this dtype) into slot `slot`.
+        Raises ValueError on a shape mismatch."""
+        want = (self.num_layers, 2, self.head_dim)
+        if tuple(state.shape) != want:
+            raise ValueError(f"write_state: state has shape {tuple(state.shape)}, expected {want}")
+        self.write_blocks([slot], state.reshape(self.num_layers, 2, 1, 1, 1, self.head_dim))
 
 
 class SwapPool(_PagedTensors):

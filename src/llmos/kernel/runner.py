@@ -1,8 +1,10 @@
-"""The model runner: turns one scheduled batch into tensors, runs the model on the paged cache, samples.
+"""The model runner: turns one scheduled batch into tensors, runs the model on the paged cache (or, for a
+recurrent model, on its state slots), samples.
 
-Owns the batch layout (token ids, positions, slot mapping, block tables), the per-process RNGs, and the
-replay of the block manager's copy/swap log onto the KV and swap pools before every forward pass.
-Never decides who runs (sched.py) or changes process state (kernel.py).
+Owns the batch layout (token ids, positions, slot mapping, block tables; state segments for a recurrent
+model), the per-process RNGs, and the replay of the block manager's copy/swap log onto the KV (or state)
+and swap pools before every forward pass. Never decides who runs (sched.py) or changes process state
+(kernel.py).
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import time
 
 import torch
 
-from llmos.kernel.kvcache import BlockManager, KVPool, SwapPool, apply_block_ops
+from llmos.kernel.kvcache import BlockManager, KVPool, StatePool, SwapPool, apply_block_ops
 from llmos.kernel.proc import Process
 from llmos.kernel.sched import ScheduledBatch
 from llmos.model.attention import AttentionMetadata, Segment
+from llmos.model.lstm import LSTMForCausalLM, StateSegment
 from llmos.model.sampling import Sampler, logprob_entry, make_generator
 from llmos.model.transformer import CausalLM
 
 
 class ModelRunner:
-    """Runs a `CausalLM` over a `KVPool`.
+    """Runs a `CausalLM` over a `KVPool`, or a recurrent model (`LSTMForCausalLM`) over a `StatePool`: each
+    process's state lives in the slot its one-block table names (see kvcache.py, "State slots").
 
     `execute(batch)` computes `n` new tokens for every `(process, n)` item and returns
     `[(process, token_id)]` for the items that completed their uncomputed tokens (decodes and
@@ -28,9 +32,12 @@ class ModelRunner:
     sampling rows stay available to `resample` (parallel sampling forks at the first token).
     """
 
-    def __init__(self, model: CausalLM, pool: KVPool, swap_pool: SwapPool | None, block_manager: BlockManager,
-                 device: torch.device) -> None:
+    def __init__(self, model: CausalLM | LSTMForCausalLM, pool: KVPool | StatePool, swap_pool: SwapPool | None,
+                 block_manager: BlockManager, device: torch.device) -> None:
         self.model, self.pool, self.swap_pool, self.block_manager, self.device = model, pool, swap_pool, block_manager, device
+        self.recurrent = getattr(model, "is_recurrent", False)
+        if self.recurrent != isinstance(pool, StatePool):
+            raise ValueError("a recurrent model runs on a StatePool, a transformer on a KVPool")
         self.block_size = pool.block_size
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator | None] = {}
@@ -91,11 +98,31 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
                 meta, sample_rows, sampling)
 
+    def prepare_state(self, batch: ScheduledBatch):
+        """Flatten the batch for a recurrent model: `ids` `[N]`, one state segment per item (its rows and its
+        slot, fresh when it starts at token 0: after admission or a recompute), and the segment index of each
+        item that samples this step."""
+        ids: list[int] = []
+        segments, sample_rows, sampling = [], [], []
+        for p, n in batch.items:
+            start = p.num_computed_tokens
+            slot = self.block_manager.block_table(p.pid)[0]
+            segments.append(StateSegment(len(ids), n, slot, fresh=start == 0))
+            ids.extend(p.token_ids[start:start + n])
+            if start + n == p.num_tokens:
+                sample_rows.append(len(segments) - 1)
+                sampling.append(p)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device), segments, sample_rows, sampling
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Process, int]]:
         self.apply_ops()
-        ids, positions, meta, sample_rows, sampling = self.prepare(batch)
-        hidden = self.model.forward_paged(ids, positions, self.pool.kv_caches, meta)
+        if self.recurrent:
+            ids, segments, sample_rows, sampling = self.prepare_state(batch)
+            hidden = self.model.forward_state(ids, segments, self.pool.states())
+        else:
+            ids, positions, meta, sample_rows, sampling = self.prepare(batch)
+            hidden = self.model.forward_paged(ids, positions, self.pool.kv_caches, meta)
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

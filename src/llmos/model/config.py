@@ -14,14 +14,19 @@ from typing import Any
 from llmos.errors import ModelLoadError, UnsupportedModelError
 
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2", "lstm")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "lstm": "LlmosLSTMForCausalLM",
 }
+# config.json's model_type where it differs from ours: the LSTM is llmos's own, not a transformers architecture.
+HF_MODEL_TYPES = {"lstm": "llmos_lstm"}
+FROM_HF_MODEL_TYPES = {v: k for k, v in HF_MODEL_TYPES.items()}
+LSTM_DEFAULT_CONTEXT = 2048
 
 
 @dataclass
@@ -29,17 +34,24 @@ class ModelConfig:
     """Shape and options of a decoder-only language model.
 
     `family` is "llama" (Llama 2/3, Qwen2/2.5, Mistral, SmolLM, TinyLlama: RoPE, RMSNorm, SwiGLU,
-    grouped-query attention) or "gpt2" (learned positions, LayerNorm, GELU MLP, fused QKV).
+    grouped-query attention), "gpt2" (learned positions, LayerNorm, GELU MLP, fused QKV) or "lstm"
+    (llmos's recurrent language model: embedding, multi-layer LSTM, linear head; see model/lstm.py).
+
+    The transformers need every shape field. An LSTM needs only `vocab_size`, `hidden_size` (the
+    embedding and LSTM width) and `num_layers`; `dropout` (training only), `tie_word_embeddings`,
+    bos/eos ids and `max_position_embeddings` (the context the kernel serves, default 2048) are
+    optional, and the transformer fields are fixed whatever is passed (one "head" of width hidden_size,
+    no RoPE scaling, no biases, hidden_act "tanh") so that a config survives `to_hf` / `from_hf` unchanged.
     """
 
     model_type: str
     vocab_size: int
     hidden_size: int
     num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
+    num_heads: int = 0  # required for transformers
+    num_kv_heads: int = 0  # required for transformers
+    intermediate_size: int = 0  # required for transformers
+    max_position_embeddings: int = 0  # required for transformers; LSTM: 0 means LSTM_DEFAULT_CONTEXT
     head_dim: int = 0  # 0: hidden_size // num_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -53,15 +65,36 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
+    dropout: float = 0.0  # LSTM only: dropout on the embeddings, between LSTM layers and before the head (training)
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
+        if self.model_type == "lstm":
+            self._normalize_lstm()
+        if self.head_dim == 0 and isinstance(self.num_heads, int) and self.num_heads > 0:
             self.head_dim = self.hidden_size // self.num_heads
         self.validate()
 
+    def _normalize_lstm(self) -> None:
+        """Fix the fields an LSTM does not have, so equal LSTMs have equal configs."""
+        if isinstance(self.hidden_size, int) and self.hidden_size > 0:
+            self.num_heads = self.num_kv_heads = 1
+            self.head_dim = self.intermediate_size = self.hidden_size
+        if not self.max_position_embeddings:
+            self.max_position_embeddings = LSTM_DEFAULT_CONTEXT
+        self.rope_scaling, self.sliding_window = None, None
+        self.attention_bias = self.o_proj_bias = self.mlp_bias = False
+        self.norm_eps, self.rope_theta, self.hidden_act = 1e-5, 10000.0, "tanh"
+
     @property
     def family(self) -> str:
-        return "gpt2" if self.model_type == "gpt2" else "llama"
+        if self.model_type in ("gpt2", "lstm"):
+            return self.model_type
+        return "llama"
+
+    @property
+    def is_recurrent(self) -> bool:
+        """True for a model whose per-sequence memory is a fixed-size recurrent state (the LSTM), not K/V."""
+        return self.model_type == "lstm"
 
     @property
     def context_length(self) -> int:
@@ -87,6 +120,9 @@ class ModelConfig:
                 f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})."
             )
+        if self.family == "lstm" and (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                                      or not 0 <= self.dropout < 1):
+            raise ModelLoadError(f"config.json: dropout must be a number in [0, 1), got {self.dropout!r}.")
         if self.family == "llama" and self.hidden_act != "silu":
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported for {self.model_type}; only 'silu'.")
         if self.family == "gpt2" and self.hidden_act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
@@ -101,18 +137,27 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed HF `config.json` (transformers 4.x and 5.x layouts)."""
-        model_type = d.get("model_type")
+        """Build from a parsed HF `config.json` (transformers 4.x and 5.x layouts; llmos's own "llmos_lstm")."""
+        hf_type = d.get("model_type")
+        model_type = FROM_HF_MODEL_TYPES.get(hf_type, hf_type) if isinstance(hf_type, str) else hf_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = d.get("architectures") or []
+            names = [HF_MODEL_TYPES.get(t, t) for t in SUPPORTED_MODEL_TYPES]
             raise UnsupportedModelError(
-                f"config.json: model_type {model_type!r} (architectures {archs}) is not supported; llmos runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints."
+                f"config.json: model_type {hf_type!r} (architectures {archs}) is not supported; llmos runs "
+                f"{', '.join(names)} checkpoints."
             )
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
         try:
+            if model_type == "lstm":
+                return cls(
+                    model_type="lstm", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                    num_layers=d["num_hidden_layers"], max_position_embeddings=d.get("max_position_embeddings", 0),
+                    dropout=d.get("dropout", 0.0), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                    bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids, torch_dtype=str(dtype),
+                )
             if model_type == "gpt2":
                 hidden = d["n_embd"]
                 return cls(
@@ -157,9 +202,13 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that `transformers.AutoConfig` reads back to the same model."""
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
-        common = {"architectures": [HF_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+        common = {"architectures": [HF_ARCHITECTURES[self.model_type]],
+                  "model_type": HF_MODEL_TYPES.get(self.model_type, self.model_type),
                   "vocab_size": self.vocab_size, "bos_token_id": self.bos_token_id, "eos_token_id": eos,
                   "torch_dtype": self.torch_dtype, "tie_word_embeddings": self.tie_word_embeddings}
+        if self.family == "lstm":
+            return {**common, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+                    "max_position_embeddings": self.max_position_embeddings, "dropout": self.dropout}
         if self.family == "gpt2":
             return {**common, "n_embd": self.hidden_size, "n_layer": self.num_layers, "n_head": self.num_heads,
                     "n_inner": self.intermediate_size, "n_positions": self.max_position_embeddings,
@@ -196,6 +245,8 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count implied by the shape (tied embeddings counted once)."""
         h, i, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        if self.family == "lstm":  # embedding, per layer W_ih [4h, h] + W_hh [4h, h] + two biases [4h], head (+ bias)
+            return v * h + L * (8 * h * h + 8 * h) + (0 if self.tie_word_embeddings else v * h) + v
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.family == "gpt2":
             per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from llmos.errors import ModelLoadError
 from llmos.model.config import ModelConfig, rope_inv_freq
+from llmos.model.lstm import LSTMForCausalLM
 from llmos.model.transformer import CausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,7 +77,7 @@ def _hf_to_llmos(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _llmos_to_hf(model: CausalLM) -> dict[str, torch.Tensor]:
+def _llmos_to_hf(model: CausalLM | LSTMForCausalLM) -> dict[str, torch.Tensor]:
     config = model.config
     out = {}
     for key, t in model.state_dict().items():
@@ -89,8 +90,9 @@ def _llmos_to_hf(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-               ) -> tuple[CausalLM, ModelConfig]:
-    """Load a HF checkpoint directory into an llmos model in eval mode.
+               ) -> tuple[CausalLM | LSTMForCausalLM, ModelConfig]:
+    """Load a HF checkpoint directory into an llmos model in eval mode (an "llmos_lstm" checkpoint gives an
+    `LSTMForCausalLM`).
 
     `dtype` defaults to float32 on CPU and to the checkpoint's dtype on CUDA.
     Raises `ModelLoadError` (missing directory or files, corrupt safetensors, missing/unexpected
@@ -105,7 +107,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else DTYPES.get(config.torch_dtype, torch.float32)
     with torch.device("meta"):
-        model = GPT2LMHeadModel(config) if config.family == "gpt2" else LlamaForCausalLM(config)
+        model = _model_class(config)(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -125,11 +127,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.load_state_dict(state, strict=False, assign=True)
     if config.family == "gpt2":
         model.lm_head.weight = model.transformer.wte.weight
+    elif config.family == "lstm":
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.lstm.flatten_parameters()  # one contiguous weight buffer for cuDNN (a no-op on the CPU)
     else:
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = torch.tensor(rope_inv_freq(config), dtype=torch.float32, device=device)
     return model.eval(), config
+
+
+def _model_class(config: ModelConfig) -> type[torch.nn.Module]:
+    return {"gpt2": GPT2LMHeadModel, "lstm": LSTMForCausalLM}.get(config.family, LlamaForCausalLM)
 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:
@@ -142,10 +152,11 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
         return {}
 
 
-def save_model(model: CausalLM, config: ModelConfig, path: str | Path, dtype: torch.dtype | None = None,
+def save_model(model: CausalLM | LSTMForCausalLM, config: ModelConfig, path: str | Path, dtype: torch.dtype | None = None,
                tokenizer: Any = None, max_shard_bytes: int = 4 * 2**30,
                generation_config: dict | None = None) -> Path:
-    """Write a HF checkpoint directory that `transformers.AutoModelForCausalLM` loads.
+    """Write a HF checkpoint directory that `transformers.AutoModelForCausalLM` loads (an LSTM checkpoint
+    loads in llmos only: transformers has no such architecture).
 
     Writes config.json, model.safetensors (or shards + index above `max_shard_bytes`),
     generation_config.json and, if given, the tokenizer (`tokenizer.save(dir)`), into a temporary

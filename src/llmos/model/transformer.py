@@ -257,8 +257,15 @@ class GPT2LMHeadModel(CausalLM):
         return self.transformer.ln_f(x)
 
 
-def build_model(config: ModelConfig) -> CausalLM:
-    """A randomly initialised model of `config`'s family (normal(0, 0.02) weights, as HF initialises)."""
+def build_model(config: ModelConfig) -> nn.Module:
+    """A randomly initialised model of `config`'s family (normal(0, 0.02) weights, as HF initialises; an
+    "lstm" config gives `llmos.model.lstm.LSTMForCausalLM` with its own initialisation)."""
+    if config.family == "lstm":
+        from llmos.model.lstm import LSTMForCausalLM  # lstm.py imports this module
+
+        model = LSTMForCausalLM(config)
+        model.reset_parameters()
+        return model
     model = GPT2LMHeadModel(config) if config.family == "gpt2" else LlamaForCausalLM(config)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
