@@ -40,20 +40,22 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # ---- the base model --------------------------------------------------------------------------------
 
 
-def load_base(config: Any, arch: str | None = None) -> tuple[nn.Module, ModelConfig, Tokenizer]:
+def load_base(config: Any, arch: str | None = None, init_from: str | Path | None = None
+              ) -> tuple[nn.Module, ModelConfig, Tokenizer]:
     """Load `config.init_from` (a Hugging Face checkpoint directory of a llama, qwen2, mistral or gpt2
     model) in float32 on the CPU, in train mode, for continued pretraining, SFT, LoRA or classification.
 
-    `arch` is the architecture the user asked for with `--arch` (None: not asked). When None, a
-    `config.arch` other than the default "llama" counts as asked (so a config file saying `arch: gpt2`
-    is checked too, while the default never refuses a gpt2 checkpoint). Families: "llama" covers
-    llama, qwen2 and mistral; "gpt2" is gpt2; "lstm" is never a transformer checkpoint.
+    `init_from`, when given, overrides `config.init_from`. `arch` is the architecture the user asked for
+    with `--arch` (None: not asked). When None, a `config.arch` other than the default "llama" counts as
+    asked (so a config file saying `arch: gpt2` is checked too, while the default never refuses a gpt2
+    checkpoint). Families: "llama" covers llama, qwen2 and mistral; "gpt2" is gpt2; "lstm" is never a
+    transformer checkpoint.
 
     Raises `InvalidRequestError` (no `init_from`; `config.seq_len` above the checkpoint's context),
     `ModelLoadError` (missing directory, a directory that is not a checkpoint, corrupt or mismatched
     weights, an `--arch` of another family) and `UnsupportedModelError` (an architecture llmos cannot run).
     """
-    init_from = getattr(config, "init_from", None)
+    init_from = str(init_from or getattr(config, "init_from", None) or "")
     if not init_from:
         raise InvalidRequestError("fine-tuning needs a base model: pass --init-from DIR, a Hugging Face "
                                   "checkpoint directory (config.json + model.safetensors).")
