@@ -14,7 +14,8 @@ import transformers as T
 from llmos.errors import InvalidRequestError, ModelLoadError
 from llmos.model.loader import save_model
 from llmos.train.finetune import (
-    adapter_state_dict, finalize_model, is_lora, load_base, prepare_model, save_adapter, trainable_parameters, unwrap,
+    adapter_state_dict, finalize_model, is_lora, load_adapter_state, load_base, merged_copy, prepare_model,
+    save_adapter, trainable_parameters, unwrap,
 )
 
 
@@ -177,6 +178,30 @@ def test_adapter_files_apply_with_peft_on_transformers(bases, family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=0)
         torch.testing.assert_close(merged(ids), ours, atol=1e-5, rtol=0)
+
+
+def test_checkpoints_during_training_and_resuming_a_lora_run(bases):
+    """merged_copy leaves the LoRA model untouched; adapter tensors put into a fresh wrapper resume it exactly."""
+    config = FTConfig(init_from=str(bases["llama"]))
+    model, mc, _ = load_base(config)
+    lora = prepare_model(config, model)
+    train_steps(lora, mc.vocab_size, steps=3)
+    state = {k: v.clone() for k, v in lora.state_dict().items()}
+    snapshot = merged_copy(lora)
+    assert not is_lora(snapshot) and is_lora(lora)
+    assert all(torch.equal(v, lora.state_dict()[k]) for k, v in state.items())
+    ids = ids_batch(mc.vocab_size, seed=11)
+    lora.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(snapshot(ids), lora(ids), atol=1e-5, rtol=0)
+    fresh = prepare_model(config, load_base(config)[0])
+    load_adapter_state(fresh, adapter_state_dict(lora))
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), lora(ids), atol=0, rtol=0)
+    other = prepare_model(FTConfig(lora_rank=2), load_base(config)[0])
+    with pytest.raises(ModelLoadError, match="does not fit this model"):
+        load_adapter_state(other, adapter_state_dict(lora))
 
 
 def test_full_fine_tuning_is_the_model_itself(bases):

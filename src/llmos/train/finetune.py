@@ -7,6 +7,7 @@ loop (trainer.py and classify.py do) and never defines a model (llmos.model does
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmos.errors import InvalidRequestError, ModelLoadError
-from llmos.model.config import ModelConfig
+from llmos.model.config import LLAMA_LIKE, ModelConfig
 from llmos.model.loader import load_model
 from llmos.model.tokenizer import Tokenizer
 
@@ -119,7 +120,13 @@ def lora_target_modules(model_config: ModelConfig, targets: list[str] | tuple[st
     if not targets:
         raise InvalidRequestError(f"--lora-targets is empty; name the projections to adapt, e.g. "
                                   f"{','.join(DEFAULT_LORA_TARGETS)}.")
-    known = GPT2_TARGETS if model_config.family == "gpt2" else {t: t for t in LLAMA_TARGETS}
+    if model_config.model_type == "gpt2":
+        known = GPT2_TARGETS
+    elif model_config.model_type in LLAMA_LIKE:
+        known = {t: t for t in LLAMA_TARGETS}
+    else:
+        raise InvalidRequestError(f"LoRA (--lora-rank) applies to transformer checkpoints (llama, qwen2, mistral, "
+                                  f"gpt2), not {model_config.model_type}; train it with --lora-rank 0.")
     unknown = [t for t in targets if t not in known]
     if unknown:
         raise InvalidRequestError(
@@ -173,6 +180,31 @@ def finalize_model(config: Any, model: nn.Module, adapter_dir: str | Path | None
     if not getattr(config, "lora_merge", True) and adapter_dir is not None:
         save_adapter(config, model, adapter_dir)
     return model.merge_and_unload().eval()
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A merged copy of a LoRA model for a checkpoint taken during training (best, last), in eval mode; the
+    LoRA model itself is left as it is, bit for bit, so training (and an exact resume) goes on unchanged.
+    Costs one more copy of the weights in memory. A model without adapters is returned as is."""
+    if not is_lora(model):
+        return model
+    return copy.deepcopy(model).merge_and_unload().eval()
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `adapter_state_dict` tensors back into a `prepare_model` LoRA model (resuming a LoRA run: load the
+    base with `load_base`, wrap it with `prepare_model`, then this). Raises `ModelLoadError` if the names or
+    shapes do not match the model's adapters (another rank, other targets or another base)."""
+    from peft import set_peft_model_state_dict
+
+    if not is_lora(model):
+        raise InvalidRequestError("the model has no LoRA adapters to load into; wrap it with prepare_model first.")
+    expected = adapter_state_dict(model)
+    wrong = sorted(set(expected) ^ set(state)) or [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        raise ModelLoadError(f"the saved LoRA adapter does not fit this model (first mismatch: {wrong[0]}); resume "
+                             "with the same --init-from, --lora-rank and --lora-targets as the run that saved it.")
+    set_peft_model_state_dict(model, state)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
