@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
-from llmos.errors import DataError, InvalidRequestError, ModelLoadError
+from llmos.errors import DataError, InvalidRequestError, ModelLoadError, TrainingDivergedError
 from llmos.train.classify import (
     DEFAULT_DATASET, SequenceClassifier, ZERO_SHOT_TEMPLATE, confusion_matrix, encode_texts, pad_batch,
     read_labelled_csv, run_classify, save_classifier, stratified_split, zero_shot_scores,
@@ -115,7 +115,11 @@ def test_training_beats_chance_on_a_separable_task(trained_run):
     assert report["accuracy"] >= 0.8 > report["chance"] + 0.4
     rows = [json.loads(line) for line in open(f"{config.out_dir}/metrics.jsonl")]
     assert [r["step"] for r in rows if "val_accuracy" in r] == [20, 40]
-    assert rows[-1]["val_accuracy"] == report["accuracy"]
+    assert [r for r in rows if "val_accuracy" in r][-1]["val_accuracy"] == report["accuracy"]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(5, 41, 5))
+    progress = json.loads(open(f"{config.out_dir}/progress.json").read())
+    assert progress["state"] == "finished" and progress["step"] == progress["total_steps"] == 40
+    assert progress["tokens"] == rows[-1]["tokens"] > 40 * 8
 
 
 def test_confusion_matrix_matches_a_recount_of_the_predictions(trained_run, easy_csv):
@@ -241,10 +245,14 @@ def test_zero_shot_on_a_rigged_model(bases, tmp_path):
     assert report["mode"] == "zero-shot" and report["val_examples"] == 6
     assert report["accuracy"] == 1.0 and report["confusion"] == [[3, 0], [0, 3]]
     assert sorted(p.name for p in (tmp_path / "zs").iterdir()) == ["config.yaml", "confusion.png", "metrics.json",
-                                                                   "predictions.csv"]
+                                                                   "predictions.csv", "progress.json"]
     again = run_classify(CConfig(data=[str(data)], out_dir=str(tmp_path / "zs"), init_from=str(tmp_path / "rigged"),
                                  zero_shot=True, val_fraction=0.5, seq_len=64))  # an earlier report is replaced whole
     assert again["confusion"] == report["confusion"]
+    trained = run_classify(CConfig(data=[str(data)], out_dir=str(tmp_path / "zs"), init_from=str(tmp_path / "rigged"),
+                                   val_fraction=0.5, seq_len=64, max_steps=2))  # and so by a trained run
+    assert trained["mode"] == "trained" and (tmp_path / "zs" / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_stratified_split():
@@ -301,6 +309,13 @@ def test_bad_csvs_are_data_errors(tmp_path):
         stratified_split(["a", "b"], 0.0, 0)
     with pytest.raises(DataError, match="single example"):
         stratified_split(["a", "b"], 0.2, 0)
+
+
+def test_a_diverged_run_leaves_nothing(tmp_path, bases, easy_csv):
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        run_classify(CConfig(data=[str(easy_csv)], out_dir=str(tmp_path / "clf"), init_from=str(bases["llama"]),
+                             lr=1e30, min_lr=1e30, grad_clip=0.0, max_steps=10, log_interval=1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_runs_fail_before_writing(tmp_path, bases, easy_csv):

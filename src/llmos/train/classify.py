@@ -35,7 +35,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "default-model"
 DEFAULT_DATASET = ASSETS / "datasets" / "kjv-genre.csv"
 ZERO_SHOT_TEMPLATE = "{text}\nLabel: {label}"  # scored: the tokens of " {label}" after "{text}\nLabel:"
-REPORT_FILES = ("metrics.json", "metrics.jsonl", "predictions.csv", "confusion.png", "config.yaml")
+REPORT_FILES = ("metrics.json", "metrics.jsonl", "predictions.csv", "confusion.png", "config.yaml", "progress.json")
 HF_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
                   "mistral": "MistralForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 
@@ -338,6 +338,7 @@ def run_classify(config: Any) -> dict:
     init_from = getattr(config, "init_from", None) or str(DEFAULT_MODEL)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(getattr(config, "num_threads", 0) or os.cpu_count() or 1)
+    existed = out_dir.exists()
     try:
         torch.manual_seed(config.seed)
         model, model_config, tokenizer = load_base(config, init_from=init_from)
@@ -357,7 +358,7 @@ def run_classify(config: Any) -> dict:
                      "batch_calibrated_confusion": batch.tolist()}
             classifier, history = None, []
         else:
-            classifier, history, extra = _train(config, model, tokenizer, pad_id, max_len, len(names),
+            classifier, history, extra = _train(config, out_dir, model, tokenizer, pad_id, max_len, len(names),
                                                 [texts[i] for i in train_rows], [label_ids[i] for i in train_rows],
                                                 [texts[i] for i in val_rows], [label_ids[i] for i in val_rows])
             pred = predict(classifier, encode_texts(tokenizer, [texts[i] for i in val_rows], max_len, pad_id), pad_id)
@@ -372,14 +373,22 @@ def run_classify(config: Any) -> dict:
         if classifier is None:
             files.write_dir(out_dir)
         else:
-            save_classifier(classifier, model_config, tokenizer, names, pad_id, out_dir, extras=files,
-                            config=config)
+            with _report_dir_aside(out_dir):
+                save_classifier(classifier, model_config, tokenizer, names, pad_id, out_dir, extras=files,
+                                config=config)
         return report
+    except BaseException:  # Ctrl-C, divergence, a full disk: drop this run's progress.json, keep the rest
+        if (out_dir / "progress.json").is_file() and not (out_dir / "metrics.json").is_file():
+            (out_dir / "progress.json").unlink()
+            if not existed and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(config, model, tokenizer, pad_id, max_len, num_labels, train_texts, train_labels, val_texts, val_labels):
+def _train(config, out_dir, model, tokenizer, pad_id, max_len, num_labels, train_texts, train_labels, val_texts,
+           val_labels):
     classifier = SequenceClassifier(prepare_model(config, model), num_labels)
     train_ids = encode_texts(tokenizer, train_texts, max_len, pad_id)
     val_ids = encode_texts(tokenizer, val_texts, max_len, pad_id)
@@ -391,7 +400,7 @@ def _train(config, model, tokenizer, pad_id, max_len, num_labels, train_texts, t
     rng = np.random.default_rng(config.seed)
     steps, log_interval = config.max_steps, max(1, getattr(config, "log_interval", 10))
     eval_interval = max(1, getattr(config, "eval_interval", steps))
-    history, val_loss, val_acc, t0 = [], None, None, time.perf_counter()
+    history, val_loss, val_acc, t0, tokens = [], None, None, time.perf_counter(), 0
     progress = _progress(getattr(config, "progress", True), steps)
     trainable, total = trainable_parameters(classifier)
     with progress:
@@ -415,15 +424,22 @@ def _train(config, model, tokenizer, pad_id, max_len, num_labels, train_texts, t
             opt.step()
             opt.zero_grad(set_to_none=True)
             train_loss = loss.item()
+            tokens += int(lengths.sum())
             progress.update(task, advance=1, loss=train_loss)
             last = step == steps - 1
-            if (step + 1) % log_interval == 0 or last:
-                history.append({"step": step + 1, "lr": lr, "train_loss": loss.item(),
-                                "elapsed_s": round(time.perf_counter() - t0, 2)})
             if (step + 1) % eval_interval == 0 or last:
                 val_loss, val_acc = evaluate(classifier, val_ids, val_labels, pad_id)
-                history.append({"step": step + 1, "val_loss": val_loss, "val_accuracy": val_acc,
+                history.append({"step": step + 1, "tokens": tokens, "val_loss": val_loss, "val_accuracy": val_acc,
                                 "elapsed_s": round(time.perf_counter() - t0, 2)})
+            if (step + 1) % log_interval == 0 or last:
+                elapsed = time.perf_counter() - t0
+                history.append({"step": step + 1, "tokens": tokens, "lr": lr, "train_loss": train_loss,
+                                "tokens_per_s": round(tokens / elapsed, 1), "elapsed_s": round(elapsed, 2)})
+                _write_progress(out_dir, {"step": step + 1, "total_steps": steps, "tokens": tokens,
+                                          "train_loss": train_loss, "val_loss": val_loss,
+                                          "tokens_per_s": round(tokens / elapsed, 1),
+                                          "eta_s": round(elapsed / (step + 1) * (steps - step - 1), 1),
+                                          "state": "running"})
     extra = {"mode": "trained", "pooling": "last token", "fine_tuning": "lora" if is_lora(classifier.lm) else "full",
              "lora_rank": getattr(config, "lora_rank", 0), "steps": steps, "trainable_parameters": trainable,
              "parameters": total, "train_loss": train_loss,
@@ -532,6 +548,13 @@ class _ReportFiles:
 
     def write_into(self, d: Path) -> None:
         (d / "metrics.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        steps = self.report.get("steps", 0)
+        train = [r for r in self.history if "train_loss" in r]
+        (d / "progress.json").write_text(json.dumps(
+            {"step": steps, "total_steps": steps, "tokens": train[-1]["tokens"] if train else 0,
+             "train_loss": self.report.get("train_loss"), "val_loss": self.report.get("val_loss"),
+             "tokens_per_s": train[-1]["tokens_per_s"] if train else None, "eta_s": 0.0, "state": "finished",
+             "accuracy": self.report["accuracy"]}) + "\n")
         if self.history:
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
         with open(d / "predictions.csv", "w", encoding="utf-8", newline="") as f:
@@ -571,10 +594,45 @@ def _check_out_dir(out: str | Path) -> Path:
     except ModelLoadError:
         path = Path(out).expanduser().absolute()
         cwd = Path.cwd().absolute()
-        if (path.is_dir() and path != cwd and path not in cwd.parents and path != Path.home().absolute()
-                and (path / "metrics.json").is_file() and {p.name for p in path.iterdir()} <= set(REPORT_FILES)):
+        names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+        if (names and names <= set(REPORT_FILES) and names & {"metrics.json", "progress.json"}
+                and path != cwd and path not in cwd.parents and path != Path.home().absolute()):
             return path
         raise
+
+
+def _write_progress(out_dir: Path, row: dict) -> None:
+    """`<out>/progress.json` (the run-directory contract, read by `llmos ps`), rewritten atomically; only into
+    a directory that is new, a checkpoint or a classify report (`_check_out_dir` accepted it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".progress.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(row) + "\n")
+    os.replace(tmp, out_dir / "progress.json")
+
+
+class _report_dir_aside:
+    """Around saving a checkpoint to `out`: a directory of classify report files only (an earlier zero-shot
+    run, or this run's progress.json) is moved aside so `save_model` may write there, restored if the save
+    fails, deleted once it succeeded. An existing checkpoint stays where it is (`save_model` swaps it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.old = out, None
+
+    def __enter__(self):
+        if self.out.is_dir() and not (self.out / "config.json").exists() and any(self.out.iterdir()):
+            self.old = self.out.with_name(f".{self.out.name}.report-{os.getpid()}")
+            os.replace(self.out, self.old)
+        elif (self.out / "config.json").exists():
+            (self.out / "progress.json").unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.old is None:
+            return
+        if kind is None:
+            shutil.rmtree(self.old, ignore_errors=True)
+        elif not self.out.exists():
+            os.replace(self.old, self.out)
 
 
 def _pad_id(tokenizer: Tokenizer, model_config: ModelConfig) -> int:
