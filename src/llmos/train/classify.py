@@ -77,7 +77,8 @@ def read_labelled_csv(paths: str | Path | list, text_column: str = "text", label
                 text, label = (row.get(text_column) or "").strip(), (row.get(label_column) or "").strip()
                 if not text or not label:
                     what = "text" if not text else "label"
-                    raise DataError(f"{path} line {reader.line_num}: the {what} is empty; fill it in or remove the row.")
+                    raise DataError(f"{path} line {reader.line_num}: the {what} is empty; fill it in or remove "
+                                    "the row.")
                 texts.append(text)
                 labels.append(label)
                 rows += 1
@@ -215,8 +216,9 @@ def zero_shot_scores(model: nn.Module, tokenizer: Tokenizer, texts: list[str], l
                 rows.append(p + option)
                 spans.append((len(p), len(option)))
         out = []
-        for start in range(0, len(rows), batch_size * len(options)):
-            chunk, chunk_spans = rows[start:start + batch_size * len(options)], spans[start:start + batch_size * len(options)]
+        step = batch_size * len(options)
+        for start in range(0, len(rows), step):
+            chunk, chunk_spans = rows[start:start + step], spans[start:start + step]
             ids, _ = pad_batch(chunk, 0)
             logp = torch.log_softmax(model(ids).float(), dim=-1)  # [B, T, V]
             for b, (begin, n) in enumerate(chunk_spans):
@@ -416,8 +418,9 @@ def _train(config, out_dir, model, tokenizer, pad_id, max_len, num_labels, train
                 logits = classifier(ids, lengths)
             loss = F.cross_entropy(logits.float(), torch.tensor([train_labels[i] for i in batch]))
             if not math.isfinite(loss.item()):
-                raise TrainingDivergedError(f"classification training diverged at step {step + 1} (loss {loss.item()}); "
-                                            f"nothing was saved. Lower --lr (now {config.lr}) and run again.")
+                raise TrainingDivergedError(f"classification training diverged at step {step + 1} (loss "
+                                            f"{loss.item()}); nothing was saved. Lower --lr (now {config.lr}) "
+                                            "and run again.")
             loss.backward()
             if getattr(config, "grad_clip", 0) > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -654,7 +657,9 @@ def _lr(step: int, c: Any) -> float:
 
 
 def _progress(enabled: bool, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]classify"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
