@@ -93,7 +93,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, model_factory):
     return {family: model_factory(tmp_path_factory.mktemp(family), family=family, max_positions=64)
-            for family in ("llama", "gpt2")}
+            for family in ("llama", "qwen2", "gpt2")}
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_run_writes_a_checkpoint_transformers_loads(trained_run):
     assert [model.config.id2label[i] for i in theirs] == [r["prediction"] for r in predictions]
 
 
-@pytest.mark.parametrize("family,lora_rank", [("llama", 0), ("llama", 4), ("gpt2", 4)])
+@pytest.mark.parametrize("family,lora_rank", [("llama", 0), ("llama", 4), ("qwen2", 0), ("gpt2", 4)])
 def test_saved_classifier_has_the_same_logits_in_transformers(bases, tmp_path, family, lora_rank):
     config = CConfig(init_from=str(bases[family]), lora_rank=lora_rank)
     model, mc, tokenizer = load_base(config)
@@ -181,6 +181,7 @@ def test_saved_classifier_has_the_same_logits_in_transformers(bases, tmp_path, f
     save_classifier(classifier, mc, tokenizer, ["a", "b", "c"], 1, tmp_path / "clf", config=config)
     theirs = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf", attn_implementation="eager")
     assert type(theirs).__name__ == {"llama": "LlamaForSequenceClassification",
+                                     "qwen2": "Qwen2ForSequenceClassification",
                                      "gpt2": "GPT2ForSequenceClassification"}[family]
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(input_ids=ids).logits, ours, atol=1e-5, rtol=0)
