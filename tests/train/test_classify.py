@@ -196,6 +196,9 @@ def test_lora_run_trains_only_adapters_and_the_head(bases, easy_csv, tmp_path):
     assert report["accuracy"] > report["chance"] + 0.2
     assert sorted(p.name for p in (tmp_path / "clf" / "adapter").iterdir()) == ["adapter_config.json",
                                                                                 "adapter_model.safetensors"]
+    adapter = json.loads((tmp_path / "clf" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["base_model_name_or_path"] == str(bases["llama"].absolute())
+    assert "init_from: " + str(bases["llama"]) in (tmp_path / "clf" / "config.yaml").read_text()
     T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
 
 

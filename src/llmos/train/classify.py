@@ -7,6 +7,7 @@ Owns the CSV reading, the stratified split, the classifier, its report and its H
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -338,6 +339,8 @@ def run_classify(config: Any) -> dict:
     label_ids = [names.index(x) for x in labels]
     train_rows, val_rows = stratified_split(labels, getattr(config, "val_fraction", 0.05), config.seed)
     init_from = getattr(config, "init_from", None) or str(DEFAULT_MODEL)
+    config = copy.copy(config)  # resolved: config.yaml and the adapter name the model actually used
+    config.init_from = init_from
     threads_before = torch.get_num_threads()
     torch.set_num_threads(getattr(config, "num_threads", 0) or os.cpu_count() or 1)
     existed = out_dir.exists()
