@@ -143,7 +143,7 @@ def prepare_model(config: Any, model: nn.Module) -> nn.Module:
     `A [r, in]` (Kaiming-uniform, from torch's global RNG) and `B [out, r]` (zeros, so the wrapped model
     starts equal to the base), dropout `lora_dropout` on the adapter input; every base parameter is frozen.
     The returned `peft.PeftModel` has the same `forward(input_ids [B, T]) -> logits [B, T, V]`.
-    Raises `InvalidRequestError` for a bad rank, alpha, dropout or target list.
+    Raises `InvalidRequestError` for a bad rank, alpha, dropout or target list, or when peft is not installed.
     """
     rank = getattr(config, "lora_rank", 0)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
@@ -158,7 +158,11 @@ def prepare_model(config: Any, model: nn.Module) -> nn.Module:
         raise InvalidRequestError(f"--lora-dropout must be in [0, 1), got {dropout!r}.")
     if is_lora(model):
         raise InvalidRequestError("the model already carries LoRA adapters; merge them first (finalize_model).")
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise InvalidRequestError("--lora-rank needs the peft library: pip install -e '.[train]' (or pip install "
+                                  "peft), or fine-tune all weights with --lora-rank 0.") from None
 
     targets = lora_target_modules(model.config, getattr(config, "lora_targets", DEFAULT_LORA_TARGETS))
     lora = LoraConfig(r=rank, lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
