@@ -385,9 +385,15 @@ def test_a_crashed_daemons_jobs_are_recovered_and_a_live_trainer_adopted(fake_tr
                             stdout=subprocess.DEVNULL)
     try:
         store.update(orphan.id, state="running", started=time.time(), pid=proc.pid)
+        # A job another live daemon on this LLMOS_HOME runs (here: any other live process) is left alone.
+        theirs = store.create("local", {"out_dir": str(tmp_path / "theirs")}, str(tmp_path / "theirs"))
+        store.update(theirs.id, state="running", started=time.time(), daemon=proc.pid)
         wait_for(lambda: len(steps_done(live_out)) >= 3)
         jobs = JobManager(store, suspend_timeout_s=10).start()
         assert store.get(dead.id).state == "failed"
+        assert store.get(theirs.id).state == "running"
+        with pytest.raises(Exception, match="another llmos daemon"):
+            jobs.suspend(theirs.id)
         adopted = wait_for(lambda: (j := store.get(orphan.id)).state != "running" and j)
         assert adopted.state == "suspended" and "the daemon restarted" in adopted.note
         assert proc.wait(5) == 0

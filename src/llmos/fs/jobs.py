@@ -29,11 +29,11 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, "
     "state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'suspended', 'finished', 'failed', 'killed')), "
     "config TEXT NOT NULL, out_dir TEXT NOT NULL, created REAL NOT NULL, started REAL, ended REAL, "
-    "exit_code INTEGER, pid INTEGER, resume INTEGER NOT NULL DEFAULT 0, note TEXT)",
+    "exit_code INTEGER, pid INTEGER, resume INTEGER NOT NULL DEFAULT 0, note TEXT, daemon INTEGER)",
     "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, id)",
 )
-COLUMNS = "id, owner, state, config, out_dir, created, started, ended, exit_code, pid, resume, note"
-UPDATABLE = frozenset(("state", "started", "ended", "exit_code", "pid", "resume", "note"))
+COLUMNS = "id, owner, state, config, out_dir, created, started, ended, exit_code, pid, resume, note, daemon"
+UPDATABLE = frozenset(("state", "started", "ended", "exit_code", "pid", "resume", "note", "daemon"))
 
 
 class JobsError(LlmosError):
@@ -46,7 +46,8 @@ class Job:
     resolved TrainConfig as a dict), `out_dir` (absolute path of its run directory), `created` / `started` / `ended`
     (Unix seconds; `started` is the latest launch, None before the first), `exit_code` (of the latest launch's
     process; negative: killed by that signal), `pid` (of the latest launch), `resume` (the next launch continues
-    the out dir's checkpoints/last with --resume) and `note` (why it is in its state, when that needs saying)."""
+    the out dir's checkpoints/last with --resume), `note` (why it is in its state, when that needs saying) and
+    `daemon` (the pid of the daemon that launched it last)."""
 
     id: int
     owner: str
@@ -60,6 +61,7 @@ class Job:
     pid: int | None = None
     resume: bool = False
     note: str | None = None
+    daemon: int | None = None
 
     @property
     def name(self) -> str:
@@ -129,8 +131,18 @@ class JobStore:
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return [_job(r) for r in self._read(f"SELECT {COLUMNS} FROM jobs{clause} ORDER BY id", tuple(args))]
 
+    def claim(self, job_id: int, daemon: int) -> Job | None:
+        """Mark queued job `job_id` running for daemon `daemon` (a pid), in one transaction; None when it is no
+        longer queued (another daemon on this LLMOS_HOME took it, or it was killed or held meanwhile)."""
+        with self._transaction() as conn:
+            cur = conn.execute("UPDATE jobs SET state = 'running', started = ?, ended = NULL, exit_code = NULL, "
+                               "pid = NULL, note = NULL, daemon = ? WHERE id = ? AND state = 'queued'",
+                               (time.time(), daemon, int(job_id)))
+            row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        return _job(row) if cur.rowcount == 1 else None
+
     def update(self, job_id: int, **fields) -> Job:
-        """Set `fields` (state, started, ended, exit_code, pid, resume, note) of job `job_id`; returns it after.
+        """Set `fields` (state, started, ended, exit_code, pid, resume, note, daemon) of job `job_id`; returns it.
         Raises `JobsError` for an unknown job or state."""
         bad = set(fields) - UPDATABLE
         if bad:
@@ -147,7 +159,7 @@ class JobStore:
         return _job(row)
 
     def recover(self, keep: frozenset[int] | set[int] = frozenset()) -> list[Job]:
-        """After a daemon crash: every job left "running" (but those in `keep`, whose trainer the daemon adopted)
+        """After a daemon crash: every job left "running" (but those in `keep`: adopted, or another live daemon's)
         becomes "suspended" (resumable) when its out dir has checkpoints/last, else "failed"; each gets a note
         saying so. Returns the jobs it changed (as they are now). Queued and suspended jobs are left as they are."""
         changed = []
@@ -174,9 +186,9 @@ class JobStore:
 
 
 def _job(row: tuple) -> Job:
-    job_id, owner, state, config, out_dir, created, started, ended, exit_code, pid, resume, note = row
+    job_id, owner, state, config, out_dir, created, started, ended, exit_code, pid, resume, note, daemon = row
     return Job(job_id, owner, state, json.loads(config), out_dir, created, started, ended, exit_code, pid,
-               bool(resume), note)
+               bool(resume), note, daemon)
 
 
 def _db_error(db: Path, e: Exception) -> JobsError:

@@ -190,9 +190,12 @@ class JobManager:
     # ---- life cycle ----------------------------------------------------------------------------------
 
     def start(self) -> JobManager:
-        """Recover jobs a crashed daemon left running, then start the monitor thread."""
-        self._adopt_orphans()
-        for job in self.store.recover(keep=set(self.runs)):
+        """Recover jobs a crashed daemon left running (not those of another live daemon on this LLMOS_HOME), then
+        start the monitor thread."""
+        others = {j.id for j in self.store.list(states=("running",))
+                  if j.daemon not in (None, os.getpid()) and pid_alive(j.daemon)}
+        self._adopt_orphans(others)
+        for job in self.store.recover(keep=set(self.runs) | others):
             log.warning("job %s was running when the daemon stopped: now %s", job.name, job.state)
         self.wake()
         return self
@@ -214,11 +217,11 @@ class JobManager:
             self._wake.set()
             thread.join(5)
 
-    def _adopt_orphans(self) -> None:
+    def _adopt_orphans(self, others: set[int]) -> None:
         """Trainers still alive from a daemon that crashed: ask each to checkpoint and stop, and watch it."""
         for job in self.store.list(states=("running",)):
             config = str(self.store.job_dir(job.id) / "config.yaml")
-            if job.pid is None or not pid_alive(job.pid):
+            if job.id in others or job.pid is None or not pid_alive(job.pid):
                 continue
             try:
                 cmdline = Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")
@@ -261,8 +264,10 @@ class JobManager:
             if job.state == "queued":
                 return self.store.update(job.id, state="suspended", note="suspended before it started")
             run = self.runs.get(job.id)
-            if job.state != "running" or run is None:
+            if job.state != "running":
                 raise ConflictError(f"job {job.name} is {job.state}; only a queued or running job can be suspended.")
+            if run is None:
+                raise ConflictError(self._elsewhere(job))
             if not run.stopping and not run.killing:
                 self._request_stop(run, "suspended")
         run.done.wait(self.suspend_timeout_s + 30)
@@ -287,6 +292,8 @@ class JobManager:
             if job.state in ENDED_STATES:
                 raise ConflictError(f"job {job.name} has already ended ({job.state}).")
             run = self.runs.get(job.id)
+            if run is None and job.state == "running":
+                raise ConflictError(self._elsewhere(job))
             if run is None:
                 return self.store.update(job.id, state="killed", ended=time.time(), note="killed before it ran"
                                          if job.started is None else "killed while suspended")
@@ -317,6 +324,11 @@ class JobManager:
                 self._thread = threading.Thread(target=self._loop, name="llmos-jobs", daemon=True)
                 self._thread.start()
         self._wake.set()
+
+    @staticmethod
+    def _elsewhere(job: Job) -> str:
+        return (f"job {job.name} is run by another llmos daemon (pid {job.daemon}) on this LLMOS_HOME; ask that "
+                "one (its LLMOS_HOST).")
 
     def _job(self, job_id: int) -> Job:
         job = self.store.get(job_id)
@@ -378,6 +390,9 @@ class JobManager:
         if free <= 0:
             return
         for job in self.store.list(states=("queued",))[:free]:
+            job = self.store.claim(job.id, os.getpid())
+            if job is None:  # taken meanwhile
+                continue
             try:
                 self._launch(job)
             except OSError as e:  # the interpreter vanished, the log folder is not writable, ...
@@ -404,8 +419,7 @@ class JobManager:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     cwd=folder, env=env, start_new_session=True, preexec_fn=preexec)
         self.runs[job.id] = Run(job.id, proc.pid, proc)
-        self.store.update(job.id, state="running", started=time.time(), ended=None, exit_code=None, pid=proc.pid,
-                          note=None)
+        self.store.update(job.id, pid=proc.pid)
         log.info("job %s started (pid %d)%s", job.name, proc.pid, " with --resume" if job.resume else "")
 
     def _request_stop(self, run: Run, why: str) -> None:
