@@ -246,6 +246,7 @@ def test_suspend_checkpoints_and_stops_and_resume_continues_exactly(api, tmp_pat
     assert r.status_code == 200, r.text
     held = r.json()
     assert held["state"] == "suspended" and held["exit_code"] == 0 and held["progress"]["state"] == "suspended"
+    assert held["note"] is None  # a plain suspend needs no explanation
     step = held["progress"]["step"]
     assert 5 <= step < 40 and json.loads((out / "checkpoints/last/state.json").read_text())["step"] == step
     assert not pid_alive(held["pid"])
@@ -478,8 +479,12 @@ def test_the_cli_submits_lists_follows_suspends_resumes_and_kills_jobs(daemon, a
     assert listed.exit_code == 0, listed.output
     line = next(x for x in listed.stdout.splitlines() if x.split() and x.split()[0] == name).split()
     assert line[2] in ("running", "yielding") and line[3].endswith("/5000")
+    top = llmos("top", "--iterations", "1")
+    assert top.exit_code == 0, top.output
+    assert any(x.split()[:1] == [name] and x.split()[2] in ("running", "yielding") for x in top.stdout.splitlines())
     suspended = llmos("suspend", name)
     assert suspended.exit_code == 0 and "suspended at step" in suspended.stderr, suspended.output
+    assert f"`llmos resume {name}` continues it" in suspended.stderr
     step = job(api, name)["progress"]["step"]
     logs = llmos("logs", name)
     assert logs.exit_code == 0 and f"checkpointed at step {step}" in logs.stdout
@@ -586,3 +591,35 @@ def submit_config(api, config: dict) -> dict:
     r = api.post("/v1/jobs", json={"config": config})
     assert r.status_code == 201, r.text
     return r.json()
+
+
+@needs_trainer
+def test_real_trainer_sigterm_to_llmos_serve_suspends_its_jobs(tmp_path):
+    """`llmos serve` as a process: SIGTERM suspends the running job at a checkpoint before the daemon exits."""
+    port = _conftest.free_port()
+    env = dict(os.environ, LLMOS_HOME=str(tmp_path / "home"))
+    with open(tmp_path / "serve.log", "wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "llmos.cli.main", "serve", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url), 120, 0.2)
+        with httpx.Client(base_url=url, timeout=120) as api:
+            row = submit_config(api, tiny_train_config(tmp_path, max_steps=5000))
+            running = wait_for(lambda: (r := job(api, row["id"]))["state"] == "running"
+                               and ((r["progress"] or {}).get("step") or 0) >= 2 and r, 300)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(10)
+    stored = JobStore(tmp_path / "home" / "llmos.db").get(parse_job_id(row["id"]))
+    assert stored.state == "suspended" and stored.exit_code == 0 and "the daemon shut down" in stored.note
+    assert (tmp_path / "out" / "checkpoints" / "last").is_dir() and not pid_alive(running["pid"])
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    return False

@@ -78,8 +78,7 @@ def suspend(link: Link, job: str) -> None:
     """`llmos suspend j3`: the job checkpoints and stops (returns once it has)."""
     row = link.client.suspend_job(job_ref(job))
     link.say()
-    what = row["state"] + progress_words(row)
-    notice(f"job {row['id']} {what}" + (f": {row['note']}" if row.get("note") else "")
+    notice(f"job {row['id']} {row['state']}{progress_words(row)}" + (f" ({row['note']})" if row.get("note") else "")
            + (f"; `llmos resume {row['id']}` continues it" if row["state"] == "suspended" else ""))
 
 

@@ -447,7 +447,8 @@ class JobManager:
             fields.update(state="killed", note="killed")
         elif status == 0 and progress.get("state") == "suspended" or \
                 run.stopping and status in (0, None) and checkpoint and progress.get("state") != "finished":
-            fields.update(state="suspended", resume=1, note=f"{run.why}; resume continues from its checkpoint")
+            fields.update(state="suspended", resume=1, note=None if run.why == "suspended" else
+                          f"{run.why}; resume continues from its checkpoint")
         elif status == 0 or status is None and progress.get("state") == "finished":
             fields.update(state="finished", note=None)
         elif run.stopping and checkpoint:
