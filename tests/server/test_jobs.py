@@ -432,6 +432,14 @@ def test_only_admins_submit_and_users_see_only_their_own_jobs(tiny_model_dir, fa
                     {"data": [], "out_dir": "/tmp/x", "init_from": "ckpt"}, {"data": []}, "not an object"):
             r = root.post("/v1/jobs", json={"config": bad})
             assert r.status_code == 400, (bad, r.text)
+        hostile = ['{"config": {"out_dir": "/tmp/x", "lr": NaN}}', '{"config": {"out_dir": "/tmp/x", "data": [1]}}',
+                   '{"config": {"out_dir": "/tmp/x", "data": "/a", "shards_dir": 3}}', '{"config": []}', "{",
+                   '{"config": {"out_dir": "/tmp/x"}, "extra": 1}', '{"config": ' + "[" * 5000 + "]" * 5000 + "}",
+                   '{"config": {"out_dir": ' + "[" * 900 + "]" * 900 + "}}"]
+        for text in hostile:
+            r = root.post("/v1/jobs", content=text, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and error_of(r)["message"], (text[:60], r.status_code, r.text[:200])
+        assert root.get("/v1/jobs", params={"finished": "true"}).json()["jobs"] == []  # none was created
         row = root.post("/v1/jobs", json=body).json()
         again = root.post("/v1/jobs", json=body)
         assert again.status_code == 409 and row["id"] in error_of(again)["message"]  # one live job per out dir

@@ -109,8 +109,8 @@ class JobStore:
         now = time.time()
         text = json.dumps(config, sort_keys=True)
         with self._transaction() as conn:
-            cur = conn.execute("INSERT INTO jobs (owner, state, config, out_dir, created) VALUES (?, 'queued', ?, ?, ?)",
-                               (owner, text, out_dir, now))
+            cur = conn.execute("INSERT INTO jobs (owner, state, config, out_dir, created) "
+                               "VALUES (?, 'queued', ?, ?, ?)", (owner, text, out_dir, now))
             job_id = cur.lastrowid
         return Job(job_id, owner, "queued", config, out_dir, now)
 

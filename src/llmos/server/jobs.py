@@ -161,6 +161,10 @@ def check_config(config: object) -> dict:
             if not isinstance(value, str) or not os.path.isabs(value):
                 bad(f"config.{key} = {value!r} is not an absolute path; the daemon runs jobs from its own directory, "
                     "so give absolute paths (`llmos train --detach` resolves them for you).")
+    try:
+        json.dumps(config, allow_nan=False)
+    except (ValueError, RecursionError) as e:
+        bad(f"config cannot be saved as JSON ({e}); send finite numbers and plain settings (TrainConfig.to_dict()).")
     return config
 
 
