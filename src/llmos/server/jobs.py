@@ -265,8 +265,9 @@ class JobManager:
         queued one is held back (suspended without running). Raises a 409 ApiError in any other state."""
         with self.lock:
             job = self._job(job_id)
-            if job.state == "queued":
-                return self.store.update(job.id, state="suspended", note="suspended before it started")
+            if job.state == "queued":  # held back; a resumed one keeps its checkpoint and --resume
+                return self.store.update(job.id, state="suspended",
+                                         note=None if job.started else "suspended before it started")
             run = self.runs.get(job.id)
             if job.state != "running":
                 raise ConflictError(f"job {job.name} is {job.state}; only a queued or running job can be suspended.")
@@ -439,8 +440,8 @@ class JobManager:
         """Record how `run` ended (status None: an adopted orphan, whose status nobody can read)."""
         run.signal_group(signal.SIGKILL)  # whatever the trainer left behind in its group
         job = self.store.get(run.job_id)
-        del self.runs[run.job_id]
         if job is None:
+            del self.runs[run.job_id]
             run.done.set()
             return
         progress = read_progress(job) or {}
@@ -470,7 +471,8 @@ class JobManager:
             else:
                 why = f"the trainer exited with status {status}"
             fields.update(state="failed", note=f"{why}; `llmos logs {job.name}` shows its output")
-        job = self.store.update(job.id, **fields)
+        job = self.store.update(job.id, **fields)  # if this fails, the next tick tries again
+        del self.runs[run.job_id]
         log.info("job %s %s (exit status %s)", job.name, job.state, status)
         run.done.set()
 
