@@ -569,18 +569,37 @@ def real_daemon(server):
 
 
 @needs_trainer
-def test_real_trainer_job_shows_progress_finishes_and_its_checkpoint_loads(real_daemon, tmp_path):
+def test_real_trainer_job_shows_progress_finishes_and_its_checkpoint_loads(real_daemon, tmp_path, monkeypatch):
+    """The whole path from the shell: `llmos train --detach` -> the job in `llmos ps` with its progress -> finished
+    -> the run directory loads as a model."""
     from llmos.model.loader import load_model
 
+    monkeypatch.setenv("LLMOS_HOST", real_daemon.url)
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("\n".join(f"The quick brown fox {i} jumps over the lazy dog {i % 7}."
+                                                    for i in range(400)))
+    submitted = llmos("train", "--detach", "--data", "corpus.txt", "--out", "out", "--vocab-size", "300",
+                      "--hidden-size", "32", "--layers", "2", "--heads", "2", "--kv-heads", "2", "--intermediate-size",
+                      "64", "--seq-len", "32", "--batch-size", "4", "--max-steps", "200", "--warmup-steps", "2",
+                      "--eval-interval", "50", "--eval-steps", "2", "--log-interval", "1", "--threads", "1")
+    assert submitted.exit_code == 0, submitted.output
+    name = submitted.stdout.strip()
+
+    def shown():
+        listed = llmos("ps", "--all")
+        assert listed.exit_code == 0, listed.output
+        cols = next((x.split() for x in listed.stdout.splitlines() if x.split()[:1] == [name]), None)
+        return cols if cols and cols[3] != "-" else None  # STEP is there
+
+    cols = wait_for(shown, 300, 0.2)
+    assert cols[2] in ("running", "yielding", "finished") and cols[3].endswith("/200"), cols
     with httpx.Client(base_url=real_daemon.url, timeout=120) as api:
-        row = submit_config(api, tiny_train_config(tmp_path))
-        seen = wait_for(lambda: (r := job(api, row["id"]))["progress"] and r["state"] == "running" and r, 300)
-        assert seen["progress"]["total_steps"] == 30
-        done = wait_state(api, row["id"], "finished", "failed", "killed", timeout=300)
-        assert done["state"] == "finished", api.get(f"/v1/jobs/{row['id']}/log").text
-        assert done["progress"]["step"] == 30 and done["progress"]["state"] == "finished"
+        done = wait_state(api, name, "finished", "failed", "killed", timeout=300)
+        assert done["state"] == "finished", api.get(f"/v1/jobs/{name}/log").text
+        assert done["progress"]["step"] == 200 and done["progress"]["state"] == "finished"
     model, config = load_model(tmp_path / "out")
-    assert config.num_layers == 2
+    assert config.num_layers == 2 and config.hidden_size == 32
 
 
 @needs_trainer
