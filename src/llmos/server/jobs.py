@@ -301,7 +301,7 @@ class JobManager:
                 raise ConflictError(self._elsewhere(job))
             if run is None:
                 return self.store.update(job.id, state="killed", ended=time.time(), note="killed before it ran"
-                                         if job.started is None else "killed while suspended")
+                                         if job.started is None else f"killed while {job.state}")
             run.killing = True
             run.signal_group(signal.SIGKILL)
         run.done.wait(30)
