@@ -99,7 +99,7 @@ def logs_command(
     """Print a training job's output (stdout and stderr of every launch); with --follow, as it comes, until the job
     stops."""
     name = job_ref(job)
-    link = require()
+    link = require("no llmos daemon at {url}; training jobs run in a daemon (`llmos serve`, `llmos train --detach`).")
     with link.client.job_log(name, follow) as response:
         link.say()
         raw = getattr(sys.stdout, "buffer", None)
