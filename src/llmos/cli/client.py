@@ -245,6 +245,37 @@ class DaemonClient:
         return self._stream("POST", f"/v1/sessions/{sid}/messages", json={"content": content, **params,
                                                                            "stream": True})
 
+    # ---- training jobs ---------------------------------------------------------------------------------
+
+    def submit_job(self, config: dict) -> dict:
+        """POST /v1/jobs: the new job's row ({id: "j3", state, ...})."""
+        return self._json("POST", "/v1/jobs", json={"config": config})
+
+    def jobs(self, finished: bool = False, everyone: bool = False) -> list[dict] | None:
+        """GET /v1/jobs: the caller's live job rows (`finished`: ended ones too; `everyone`: every owner's, admins
+        only); None when the daemon has no jobs."""
+        got = self._optional("GET", "/v1/jobs", params={"finished": str(finished).lower(),
+                                                         "all": str(everyone).lower()})
+        return None if got is None else got["jobs"]
+
+    def job(self, job: str) -> dict:
+        return self._json("GET", f"/v1/jobs/{job}")
+
+    def suspend_job(self, job: str) -> dict:
+        """POST /v1/jobs/{job}/suspend: returns once the job has checkpointed and stopped."""
+        return self._json("POST", f"/v1/jobs/{job}/suspend", timeout=STREAM_TIMEOUT)
+
+    def resume_job(self, job: str) -> dict:
+        return self._json("POST", f"/v1/jobs/{job}/resume")
+
+    def kill_job(self, job: str) -> dict:
+        return self._json("DELETE", f"/v1/jobs/{job}")
+
+    def job_log(self, job: str, follow: bool = False) -> contextlib.AbstractContextManager[httpx.Response]:
+        """GET /v1/jobs/{job}/log: a streamed text response (iterate `iter_bytes()`); with `follow` it lasts
+        while the job is queued or running."""
+        return self._raw_stream("GET", f"/v1/jobs/{job}/log", params={"follow": str(follow).lower()})
+
     # ---- plumbing ------------------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **kw) -> httpx.Response:
@@ -270,12 +301,17 @@ class DaemonClient:
 
     @contextlib.contextmanager
     def _stream(self, method: str, path: str, **kw) -> Iterator[EventStream]:
+        with self._raw_stream(method, path, **kw) as r:
+            yield EventStream(r, self)
+
+    @contextlib.contextmanager
+    def _raw_stream(self, method: str, path: str, **kw) -> Iterator[httpx.Response]:
         try:
             with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise self.error(r)
-                yield EventStream(r, self)
+                yield r
         except httpx.TransportError as e:
             raise self.lost(e) from None
 

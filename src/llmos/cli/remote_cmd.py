@@ -1,6 +1,7 @@
 """The shell verbs against a running daemon: choosing the daemon or an in-process kernel (and saying which on
-stderr), `run`, `chat` and `resume` streamed from the daemon, `ps`, `top`, the loaded models of `llmos models`, and
-the top-level process verbs kill, suspend, resume, hibernate, nice and fork.
+stderr), `run`, `chat` and `resume` streamed from the daemon, `ps`, `top` (processes and training jobs), the loaded
+models of `llmos models`, and the top-level process verbs kill, suspend, resume, hibernate, nice and fork (kill,
+suspend and resume also take a job id like j3: cli/jobs_cmd.py).
 
 Owns how a verb picks where it runs and how the daemon's answers are shown (with `llmos sh`'s tables). Never speaks
 HTTP itself (`llmos.cli.client` does) and never drives a kernel (the in-process paths stay in main.py and shell.py).
@@ -311,8 +312,9 @@ def ps_command(
     owner: OwnerOpt = None,
     local: Local = False,
 ) -> None:
-    """List processes: a daemon's live ones (as `llmos sh`'s ps) and your hibernated ones on disk."""
-    from llmos.cli.shell import hibernated_table, ps_table
+    """List processes: a daemon's live ones (as `llmos sh`'s ps), its training jobs, and your hibernated ones on
+    disk."""
+    from llmos.cli.shell import hibernated_table, jobs_table, ps_table
 
     link = connect(local)
     if link.client is None:
@@ -323,12 +325,15 @@ def ps_command(
         link.say("hibernated processes only; live ones are in a daemon (`llmos serve`) or in `llmos sh`")
     else:
         rows = link.client.processes(finished=every)
+        jobs = link.client.jobs(finished=every)
         images = link.client.hibernated(owner)
         link.say()
         if rows:
             out.print(ps_table(rows))
         else:
             notice("no live processes" if not every else "no processes")
+        if jobs:
+            out.print(jobs_table(jobs))
     if images:
         out.print(hibernated_table(images))
     else:
@@ -343,7 +348,8 @@ def top_command(
         "--iterations", min=1, help="Stop after N refreshes (default: Ctrl-C on a terminal; once idle when piped).",
         show_default=False)] = None,
 ) -> None:
-    """Watch a daemon's kernels: memory, prefix cache, processes, refreshed every --interval seconds."""
+    """Watch a daemon's kernels: memory, prefix cache, processes and training jobs, refreshed every --interval
+    seconds."""
     link = require("no llmos daemon at {url}, and outside `llmos sh` there is no live kernel to watch; start one "
                    "with `llmos serve`, or run `top` inside `llmos sh`.")
     frame, busy = top_frame(link)
@@ -358,11 +364,12 @@ def top_command(
 
 
 def top_frame(link: Link) -> tuple[Group, bool]:
-    """One `top` screen of the daemon (the head line, each loaded model's memory, the process table), and
-    whether any process is live."""
-    from llmos.cli.shell import memory_table, ps_table
+    """One `top` screen of the daemon (the head line, each loaded model's memory, the process table, the jobs
+    table), and whether any process is live or any job queued or running."""
+    from llmos.cli.shell import jobs_table, memory_table, ps_table
 
     rows = link.client.processes()
+    jobs = link.client.jobs()
     memory = link.client.memory()
     states = [r["state"] for r in rows]
     head = Text.assemble(("llmos top", "bold"), f" - daemon at {link.url}, {len(memory)} model(s) loaded, "
@@ -372,27 +379,53 @@ def top_frame(link: Link) -> tuple[Group, bool]:
     for name, m in memory.items():
         parts += [Text(""), Text(f"model {name}", style="bold"), memory_table(m)]
     parts += [Text(""), ps_table(rows)]
-    return Group(*parts), bool(rows)
+    if jobs:
+        parts += [Text(""), jobs_table(jobs)]
+    return Group(*parts), bool(rows) or any(j["state"] in ("queued", "running") for j in jobs or ())
 
 
 # ---- the process verbs -------------------------------------------------------------------------------------
 
 Pid = Annotated[int, typer.Argument(help="A process id on the daemon (`llmos ps` lists them).", show_default=False)]
+PidOrJob = Annotated[str, typer.Argument(
+    metavar="PID|JOB", help="A process id, or a training job id like j3 (`llmos ps` lists both).", show_default=False)]
+
+
+def pid_or_job(target: str) -> int | str:
+    """A pid (int) or a job id ("j3"). Raises `InvalidRequestError` for anything else."""
+    from llmos.fs.jobs import is_job_ref, job_name, parse_job_id
+
+    if target.strip().isdigit():
+        return int(target)
+    if is_job_ref(target):
+        return job_name(parse_job_id(target))
+    raise InvalidRequestError(f"{target!r} is neither a pid nor a job id (like j3); `llmos ps` lists both.")
 
 
 @guarded
-def kill_command(pid: Pid) -> None:
-    """End a process on the daemon; its KV blocks are free at once."""
+def kill_command(target: PidOrJob) -> None:
+    """End a process on the daemon (its KV blocks are free at once), or kill a training job."""
+    what = pid_or_job(target)
     link = require()
-    link.client.kill(pid)
+    if isinstance(what, str):
+        from llmos.cli import jobs_cmd
+
+        return jobs_cmd.kill(link, what)
+    link.client.kill(what)
     link.say()
 
 
 @guarded
-def suspend_command(pid: Pid) -> None:
-    """Stop scheduling a process on the daemon (its K/V go to host swap, or are recomputed on resume)."""
+def suspend_command(target: PidOrJob) -> None:
+    """Stop scheduling a process on the daemon (its K/V go to host swap, or are recomputed on resume), or
+    checkpoint and stop a training job."""
+    what = pid_or_job(target)
     link = require()
-    link.client.suspend(pid)
+    if isinstance(what, str):
+        from llmos.cli import jobs_cmd
+
+        return jobs_cmd.suspend(link, what)
+    link.client.suspend(what)
     link.say()
 
 
@@ -429,8 +462,8 @@ def fork_command(pid: Pid, n: Annotated[int, typer.Argument(help="How many child
 @guarded
 def resume_command(
     target: Annotated[str, typer.Argument(
-        metavar="PID|HID", help="A suspended process on the daemon, or a hibernated image id (`llmos ps` lists "
-        "both).", show_default=False)],
+        metavar="PID|HID|JOB", help="A suspended process on the daemon, a hibernated image id, or a suspended "
+        "training job (j3) (`llmos ps` lists them).", show_default=False)],
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="The model it ran on (default: found by the name in the image).",
         show_default=False)] = None,
@@ -447,7 +480,14 @@ def resume_command(
     local: Local = False,
 ) -> None:
     """Resume a suspended process on the daemon, or continue a hibernated one (on the daemon when one is running,
-    else in-process), streaming the rest of its text."""
+    else in-process), streaming the rest of its text; or queue a suspended training job again."""
+    from llmos.fs.jobs import is_job_ref
+
+    if is_job_ref(target):
+        from llmos.cli import jobs_cmd
+
+        link = require()
+        return jobs_cmd.resume(link, target)
     if target.isdigit():
         if local:
             raise InvalidRequestError(f"{target} is a pid, and pids name processes in a daemon; --local has none "

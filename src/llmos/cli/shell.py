@@ -143,6 +143,40 @@ def ps_table(rows: list[dict]) -> Table:
     return table
 
 
+def jobs_table(rows: list[dict]) -> Table:
+    """The training jobs of a daemon (`GET /v1/jobs` rows): state ("yielding" while paused for interactive
+    inference), step/total, train and validation loss, tokens/s and ETA from the run's progress.json."""
+    table = Table("JOB", "OWNER", "STATE", "STEP", "LOSS", "VAL", "TOK/S", "ETA", "OUT", box=None, header_style="bold")
+    for c in (3, 4, 5, 6, 7):
+        table.columns[c].justify = "right"
+    table.columns[8].overflow = "fold"
+
+    def num(value, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    for r in rows:
+        p = r.get("progress") or {}
+        state = "yielding" if r.get("yielding") else r["state"]
+        if r["state"] == "failed" and r.get("exit_code") is not None:
+            state += f" ({r['exit_code']})"
+        step = f"{p['step']}/{p.get('total_steps', '?')}" if isinstance(p.get("step"), int) else "-"
+        eta = p.get("eta_s") if r["state"] == "running" else None
+        table.add_row(r["id"], r["owner"], state, step, num(p.get("train_loss"), ".3f"), num(p.get("val_loss"), ".3f"),
+                      num(p.get("tokens_per_s"), ",.0f"), duration(eta) if isinstance(eta, (int, float)) else "-",
+                      r["out_dir"])
+    return table
+
+
+def duration(seconds: float) -> str:
+    """"42s", "3m05s", "2h07m" for a number of seconds."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def bar(used: int, cached: int, total: int, width: int = 30) -> Text:
     """[███▒▒·····]: blocks in use, cached prefix blocks (free to reuse), free blocks."""
     if total == 0:

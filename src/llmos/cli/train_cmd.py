@@ -48,6 +48,8 @@ def train_command(
         "--save-dtype", help="Checkpoint weight dtype: float32, bfloat16 or float16.")] = "float32",
     threads: Annotated[int, typer.Option("--threads", help="CPU threads (0 = all cores).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Run it as a job on the daemon (LLMOS_HOST); prints its id (`llmos ps` shows it).")] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer and a Llama-family model on text, and save a Hugging Face checkpoint."""
     config = TrainConfig(
@@ -59,6 +61,10 @@ def train_command(
         eval_steps=eval_steps, log_interval=log_interval, seed=seed, dtype=dtype, save_dtype=save_dtype,
         num_threads=threads, progress=not quiet,
     )
+    if detach:
+        from llmos.cli.jobs_cmd import submit
+
+        return submit(config)
     summary = train(config)
     if not quiet:
         ppl = summary["val_perplexity"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("openai_api", "ollama_api", "native_api", "sessions", "metrics", "desktop")
+MODULES = ("openai_api", "ollama_api", "native_api", "sessions", "jobs", "metrics", "desktop")
 
 
 def all_modules() -> list:
