@@ -183,6 +183,15 @@ def test_a_corrupt_image_is_one_clear_error(tiny_model_dir, home):
     assert listed.exit_code == 0 and hid in listed.stdout and "corrupt" in listed.stdout
 
 
+def test_kill_of_a_hibernated_process_deletes_its_image(tiny_model_dir, home):
+    done = sh(tiny_model_dir, "spawn --max-tokens 20 x; step 3; hibernate 1; kill 1; hibernated; ps -a")
+    assert done.exit_code == 0, done.output
+    assert HID.search(done.stdout) and "(no hibernated processes)" in done.stdout
+    assert ps_rows(done.stdout)[1][2] == "killed" and not default_store().list("local")
+    done = sh(tiny_model_dir, "spawn --max-tokens 20 x; step 3; hibernate 1; resume $!; kill 1")
+    assert_user_error(done, "line 1: ", "runs again as pid 2", "kill pid 2")
+
+
 def test_bad_shell_flags_and_scripts(tiny_model_dir, tmp_path):
     assert_user_error(llmos("sh", "--model", tiny_model_dir, "--policy", "lottery", "-c", "ps"), "lottery")
     assert_user_error(llmos("sh", "--model", tiny_model_dir, "--owner", " ", "-c", "ps"), "--owner")

@@ -243,3 +243,36 @@ def test_sigterm_during_a_reply_is_graceful_and_saves_the_session(home, daemons)
     assert [m.role for m in SessionStore(home / "llmos.db").messages(sid)] == ["system", "user", "assistant"]
     assert integrity(home) == "ok"
     assert code == 0, f"a graceful shutdown exits 0, not {code} (a negative code: killed by that signal)"
+
+
+def serve(home: Path, port: int, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`llmos serve` on `home` and `port` run to its end (one that starts would run until `timeout`)."""
+    cmd = [sys.executable, "-m", "llmos.cli.main", "serve", "--port", str(port), "--kv-memory", "64MiB",
+           "--log-level", "warning"]
+    return subprocess.run(cmd, env={**os.environ, "LLMOS_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_second_daemon_on_the_same_home_refuses_to_start(home, daemons):
+    home, keys = home
+    first = daemons()
+    refused = serve(home, free_port())
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), refused.stderr
+    assert f"pid {first.proc.pid}" in lines[0] and f"port {first.port}" in lines[0] and str(home) in lines[0]
+    assert "LLMOS_HOME" in lines[0] and "Traceback" not in refused.stderr
+    assert first.proc.poll() is None and httpx.get(first.url + "/health").status_code == 200
+    lock = json.loads((home / "serve.lock").read_text())
+    assert lock["pid"] == first.proc.pid and lock["port"] == first.port
+
+
+def test_a_killed_daemon_does_not_block_the_next(home, daemons):
+    home, keys = home
+    first = daemons()
+    first.kill()  # SIGKILL: no clean-up ran, the lock file is still there
+    assert (home / "serve.lock").is_file()
+    second = daemons()
+    assert httpx.get(second.url + "/health").status_code == 200
+    lock = json.loads((home / "serve.lock").read_text())
+    assert lock["pid"] == second.proc.pid and lock["port"] == second.port

@@ -289,6 +289,39 @@ def test_hibernate_restore_keeps_the_greedy_continuation(api):
     error(alice.post(f"/v1/hibernated/{hid}/restore", {"model": alice.model}), 404)
 
 
+def test_killing_a_hibernated_process_deletes_its_image(api):
+    alice, bob = api["alice"], api["bob"]
+
+    def hibernated(max_tokens=200) -> tuple[int, str]:
+        pid = alice.spawn(max_tokens=max_tokens, ignore_eos=True).json()["pid"]
+        alice.post(f"/v1/processes/{pid}/suspend")
+        r = alice.post(f"/v1/processes/{pid}/hibernate")
+        assert r.status_code == 200, r.text
+        return pid, r.json()["hid"]
+
+    def images() -> list[str]:
+        return [h["hid"] for h in alice.http.get("/v1/hibernated").json()["hibernated"]]
+
+    pid, hid = hibernated()
+    error(bob.http.delete(f"/v1/processes/{pid}"), 403)
+    assert hid in images()
+    r = alice.http.delete(f"/v1/processes/{pid}")
+    assert r.status_code == 200, r.text
+    assert r.json()["pid"] == pid and r.json()["state"] == "KILLED" and r.json()["finish_reason"] == "killed"
+    assert alice.get(pid).json()["state"] == "KILLED" and hid not in images()
+    error(alice.post(f"/v1/hibernated/{hid}/restore"), 404)
+    assert alice.http.delete(f"/v1/processes/{pid}").json()["state"] == "KILLED"  # again: nothing more to do
+
+    pid, hid = hibernated()  # restored: the image belongs to the process that continues it
+    new = alice.post(f"/v1/hibernated/{hid}/restore").json()["pid"]
+    message = error(alice.http.delete(f"/v1/processes/{pid}"), 400)
+    assert f"pid {new}" in message and hid in message
+    assert alice.get(pid).json()["state"] == "HIBERNATED" and hid in images()
+    assert alice.http.delete(f"/v1/processes/{new}").json()["state"] == "KILLED"
+    assert hid not in images()  # the restored process ended: its image went with it (as before)
+    assert alice.http.delete(f"/v1/processes/{pid}").json()["state"] == "KILLED"
+
+
 def test_memory_and_kv_map(api):
     alice, bob, root = api["alice"], api["bob"], api["root"]
     mine = alice.spawn(max_tokens=200, ignore_eos=True).json()["pid"]

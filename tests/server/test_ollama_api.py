@@ -144,6 +144,52 @@ def test_errors_are_top_level_strings(client, model, server):
     assert r.status_code == 400 and "keep_alive" in r.json()["error"]
 
 
+@pytest.mark.parametrize("message, words", [
+    ({"role": "robot", "content": "x"}, "messages.0.role: must be one of system, user, assistant, tool"),
+    ({"role": "developer", "content": "x"}, "messages.0.role: must be one of system, user, assistant, tool"),
+    ({"role": "user"}, "messages.0.content: required: a string"),
+])
+def test_chat_malformed_messages_through_the_client_are_400(client, model, message, words):
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model=model, messages=[message], options=GREEDY)
+    assert err.value.status_code == 400 and words in err.value.error
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([{"content": "x"}], "messages.0.role: required: one of system, user, assistant, tool"),
+    ([{"role": "user", "content": None}], "messages.0.content: required: a string"),
+    ([{"role": "user", "content": 5}], "messages.0.content: must be a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "messages.0.content: must be a string"),
+    ([{"role": 1, "content": "x"}], "messages.0.role: must be one of system, user, assistant, tool"),
+    (["hello"], "messages.0: must be an object"),
+])
+def test_chat_malformed_messages_are_400(server, model, messages, words):
+    r = httpx.post(server.url + "/api/chat", json={"model": model, "messages": messages, "stream": False})
+    assert r.status_code == 400 and words in r.json()["error"] and r.json()["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", False), ("num_predict", True), ("top_k", True), ("top_p", True), ("seed", False),
+    ("min_p", False), ("repeat_penalty", True), ("presence_penalty", True), ("mirostat", True),
+])
+def test_options_given_as_booleans_are_400(client, model, field, value):
+    for call in (lambda: client.chat(model=model, messages=[{"role": "user", "content": "x"}],
+                                     options={**GREEDY, field: value}),
+                 lambda: client.generate(model=model, prompt="x", options={**GREEDY, field: value})):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400
+        assert err.value.error.startswith(f"invalid request: options.{field}: must be a number, not a boolean")
+
+
+@pytest.mark.parametrize("field, value", [("top_logprobs", True), ("keep_alive", True), ("context", [1, True])])
+def test_numbers_given_as_booleans_are_400(server, model, field, value):
+    r = httpx.post(server.url + "/api/generate", json={"model": model, "prompt": "x", "stream": False,
+                                                        "options": GREEDY, "logprobs": True, field: value})
+    assert r.status_code == 400 and r.json()["error"].startswith(f"invalid request: {field}")
+    assert "not a boolean" in r.json()["error"]
+
+
 def test_keep_alive_durations():
     assert keep_alive_seconds(None) is False
     assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400

@@ -226,6 +226,62 @@ def test_chat_bad_parameters_are_400(client, model):
         client.chat.completions.create(model=model, messages=[])
 
 
+@pytest.mark.parametrize("messages, words", [
+    ([{"role": "robot", "content": "x"}], "messages.0.role: must be one of system, developer, user, assistant, tool"),
+    ([{"content": "x"}], "messages.0.role: required"),
+    ([{"role": "user"}], "messages.0.content: required"),
+    ([{"role": "user", "content": None}], "messages.0.content: required"),
+    ([{"role": "user", "content": 5}], "messages.0.content: must be a string or a list of text parts"),
+    ([{"role": "user", "content": {"text": "x"}}], "messages.0.content: must be a string or a list of text parts"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages.0.content: must be a string or a list of text"),
+    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages.0.content: must be a string or"),
+    ([{"role": "user", "content": ["x"]}], "messages.0.content: must be a string or a list of text parts"),
+    ([{"role": "user", "content": "x"}, "hello"], "messages.1: must be an object"),
+])
+def test_chat_malformed_messages_are_400_naming_the_field(client, model, messages, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+    assert words in err.value.body["message"] and err.value.body["type"] == "invalid_request_error"
+
+
+def test_chat_text_parts_are_joined_and_developer_is_system(client, model):
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    args = dict(model=model, max_tokens=6, temperature=0)
+    a, b = client.chat.completions.create(messages=plain, **args), client.chat.completions.create(messages=parts, **args)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}], **args)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", True), ("temperature", False), ("n", True), ("top_p", True), ("seed", False),
+    ("presence_penalty", False), ("frequency_penalty", False), ("max_completion_tokens", True),
+    ("top_logprobs", True), ("logit_bias", {"5": True}),
+])
+def test_chat_numbers_given_as_booleans_are_400(client, model, field, value):
+    extra = {"logprobs": True} if field == "top_logprobs" else {}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       extra_body={field: value, **extra})
+    message = err.value.body["message"]
+    assert message.startswith(f"invalid request: {field}") and "a number, not a boolean" in message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", True), ("temperature", False), ("n", True), ("logprobs", True), ("best_of", True),
+    ("prompt", [True, 5]), ("prompt", [[5, False]]),
+])
+def test_completion_numbers_given_as_booleans_are_400(client, model, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="hi", extra_body={field: value})
+    message = err.value.body["message"]
+    assert message.startswith(f"invalid request: {field}") and "not a boolean" in message
+
+
 def test_unknown_model_is_404_and_long_prompt_is_413(client, model):
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.completions.create(model="no-such-model", prompt="hi")

@@ -1,20 +1,66 @@
 """`llmos serve`: run the daemon (the kernel behind HTTP) with uvicorn.
 
-Owns the command-line surface of `llmos.server.app.create_app`. Never contains server logic.
+Owns the command-line surface of `llmos.server.app.create_app` and the one-daemon-per-LLMOS_HOME lock
+(`LLMOS_HOME/serve.lock`). Never contains server logic.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
+import os
 import signal
 import socket
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import IO, Annotated, Optional
 
 import typer
 
 from llmos.errors import InvalidRequestError
+
+LOCK_FILE = "serve.lock"
+
+
+def lock_home(host: str, port: int) -> IO:
+    """Take LLMOS_HOME/serve.lock (an exclusive `fcntl.flock`) and write this daemon's pid, host and port into it
+    (JSON). Keep the returned file open for the daemon's life: the OS releases the lock when the process ends,
+    however it ends, so a crashed daemon never blocks the next one. Two daemons on one LLMOS_HOME would share
+    its database, sessions and hibernated processes without knowing of each other.
+
+    Raises `InvalidRequestError` naming the daemon that holds the lock (or LLMOS_HOME when it cannot be written)."""
+    from llmos.fs.registry import llmos_home
+
+    home = llmos_home()
+    path = home / LOCK_FILE
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+")
+    except OSError as e:
+        raise InvalidRequestError(f"cannot create {path} ({e.strerror}); fix the permissions of LLMOS_HOME or set "
+                                  "LLMOS_HOME to a writable folder.") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(f.read())
+            pid, port_held = int(holder["pid"]), int(holder["port"])
+            held_host = str(holder.get("host") or "127.0.0.1")
+            held_host = f"[{held_host}]" if ":" in held_host else held_host
+            who, url = f" (pid {pid}, port {port_held})", f"http://{held_host}:{port_held}/"
+            stop = f" (kill {pid})"
+        except (ValueError, KeyError, TypeError, OSError):  # it is still writing the file
+            who, url, stop = "", "it", ""
+        f.close()
+        raise InvalidRequestError(f"another llmos daemon{who} already serves LLMOS_HOME {home}; use {url}, or "
+                                  f"stop it first{stop}, or set LLMOS_HOME to another folder for a second "
+                                  "daemon.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": host, "port": port}) + "\n")
+    f.flush()
+    return f
 
 
 def serve_command(
@@ -76,6 +122,7 @@ def serve_command(
         raise InvalidRequestError(f"--kv-memory {kv_memory!r} is too small to hold a KV block; give e.g. 1GiB or 0.25.")
     if not _is_zero_size(swap_memory):
         parse_memory_budget(swap_memory, "cpu")
+    lock = lock_home(host, port)  # held until this process ends
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,3 +149,4 @@ def serve_command(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    lock.close()

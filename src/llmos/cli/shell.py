@@ -348,7 +348,7 @@ def watch(frame, busy: bool, advance, iterations: int | None) -> None:
 
 @commands.command()
 def kill(ctx: typer.Context, pid: Pid) -> None:
-    """End a process; its KV blocks are free at once."""
+    """End a process; its KV blocks are free at once (a hibernated one's image is deleted)."""
     sh: Session = ctx.obj
     syscalls.kill(sh.kernel, pid, sh.caller)
 

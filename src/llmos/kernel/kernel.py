@@ -168,6 +168,7 @@ class Kernel(MemoryHooks):
         self.owner_limits: dict[str, tuple[int | None, int | None]] = {}  # see set_owner_limits
         self._fork_counts: dict[int, int] = {}  # pid -> children forked from it so far
         self._restored: dict[int, tuple[str, str]] = {}  # pid -> (image id, owner) it was restored from
+        self._hibernated_as: dict[int, tuple[str, str]] = {}  # pid -> (image id, owner) it was hibernated as
         self._ended: deque[int] = deque()
         self._changes: deque[tuple[int, int]] = deque(maxlen=65536)  # (seq, pid): output appended or process ended
         self._change_seq = 0  # pids of ended processes, oldest first (reaped past keep_finished)
@@ -353,13 +354,32 @@ class Kernel(MemoryHooks):
         return [c.pid for c in self.processes.values() if c.parent == pid]
 
     def kill(self, pid: int, owner: str | None = None) -> Process:
-        """Kill a live process and free its blocks (device and swap) at once. Killing a finished process is a no-op."""
+        """Kill a live process and free its blocks (device and swap) at once. Killing a process hibernated here
+        deletes its image (it can no longer be restored) and makes it KILLED; killing a finished or killed process
+        is a no-op. Raises `ProcessNotFoundError`, or `InvalidRequestError` for a hibernated process whose image
+        runs again here as another process (kill that one)."""
         with self.lock:
             p = self.get(pid, owner)
-            if not p.is_finished:
+            if p.state is ProcState.HIBERNATED:
+                self._kill_hibernated(p)
+            elif not p.is_finished:
                 proc.kill(p)
                 self._retire(p)
             return p
+
+    def _kill_hibernated(self, p: Process) -> None:
+        image = self._hibernated_as.get(p.pid)
+        running = next((q for q, restored in self._restored.items() if restored == image), None)
+        if running is not None:
+            raise InvalidRequestError(f"process {p.pid} was hibernated as {image[0]}, which runs again as pid "
+                                      f"{running}; kill pid {running} instead.")
+        if image is not None:
+            try:
+                self._store().remove(*image)
+            except (HibernationError, OSError):  # restored elsewhere and ended, or deleted: gone already
+                pass
+        self._hibernated_as.pop(p.pid, None)
+        proc.kill(p)
 
     def nice(self, pid: int, level: int, owner: str | None = None) -> Process:
         """Set a live process's nice level (-20..19; lower runs first under the priority policy)."""
@@ -459,6 +479,7 @@ class Kernel(MemoryHooks):
             image = self._image(p)
             self._store().save(image)
             proc.hibernate(p)
+            self._hibernated_as[p.pid] = (image.hid, p.owner)
             self._retire(p)
             return image.hid
 
@@ -721,6 +742,7 @@ class Kernel(MemoryHooks):
             old = self._ended.popleft()
             self.processes.pop(old, None)
             self.streams.pop(old, None)
+            self._hibernated_as.pop(old, None)
 
     # ---- observability -------------------------------------------------------------------------
 

@@ -14,12 +14,13 @@ State diagram (xv6 style: no hidden transitions):
      |             | '---- resume() ----------------------'  |
      |             |                                         |  hibernate()
      |             |      (READY, RUNNING, SUSPENDED) -------+------------> HIBERNATED
-     '---- kill() -+---- (READY, RUNNING, SUSPENDED) -------------------> KILLED
+     |             |                                                              | kill()
+     '---- kill() -+---- (READY, RUNNING, SUSPENDED) -------------------> KILLED <'
 
     preempt() and suspend() keep `num_computed_tokens` when the caller kept the K/V (swapped them out to
-    host memory) and zero it when the K/V were dropped (recompute). FINISHED, KILLED and HIBERNATED are
-    final for this kernel; a hibernated process lives on as a file that a later kernel resumes as a new
-    process.
+    host memory) and zero it when the K/V were dropped (recompute). FINISHED and KILLED are final; a
+    HIBERNATED process runs no more in this kernel but lives on as a file that a later kernel resumes as a new
+    process, until it is killed (the caller deletes the file).
 
 Token accounting: `token_ids` = prompt + output. `num_computed_tokens` of them have
 their K/V written in the cache; a step computes `n <= num_tokens - num_computed_tokens`
@@ -179,8 +180,10 @@ def finish(p: Process, reason: str) -> None:
 
 
 def kill(p: Process) -> None:
-    """NEW/READY/RUNNING/SUSPENDED -> KILLED (finish_reason "killed"). The caller frees its blocks."""
-    _transition(p, (ProcState.NEW, ProcState.READY, ProcState.RUNNING, ProcState.SUSPENDED), ProcState.KILLED, "kill")
+    """NEW/READY/RUNNING/SUSPENDED -> KILLED (finish_reason "killed"): the caller frees its blocks. Also
+    HIBERNATED -> KILLED: the caller deletes its hibernation image."""
+    _transition(p, (ProcState.NEW, ProcState.READY, ProcState.RUNNING, ProcState.SUSPENDED, ProcState.HIBERNATED),
+                ProcState.KILLED, "kill")
     p.finish_reason = "killed"
     p.finish_time = time.monotonic()
 

@@ -67,7 +67,8 @@ def result(kernel: Kernel, p: Process) -> Result:
 
 
 def kill(kernel: Kernel, pid: int, owner: str = "local") -> None:
-    """Kill the caller's process `pid`; its KV blocks are free when this returns."""
+    """Kill the caller's process `pid`; its KV blocks are free when this returns (a hibernated one's image is
+    deleted)."""
     kernel.kill(pid, owner)
 
 

@@ -16,7 +16,7 @@ Endpoints (JSON bodies; errors are app.py's `{"error": {...}}`):
   POST   /v1/processes/{pid}/suspend | /resume        -> row
   POST   /v1/processes/{pid}/hibernate                -> {hid, pid}
   POST   /v1/processes/{pid}/renice   {nice} -> row
-  DELETE /v1/processes/{pid}          -> the final row (kill)
+  DELETE /v1/processes/{pid}          -> the final row (kill; a hibernated process's image is deleted)
   GET    /v1/hibernated[?owner=]      -> {hibernated: [...]} (owner: admins only)
   POST   /v1/hibernated/{hid}/restore {model?} [?owner=] -> 201 {pid, model, hid}
   GET    /v1/memory                   -> {models: {name: Kernel.memory()}} (the caller's use; admins: all)
@@ -367,7 +367,8 @@ async def get_process(pid: int, who: Principal = Depends(principal), state: Serv
 
 @router.delete("/v1/processes/{pid}")
 async def kill(pid: int, who: Principal = Depends(principal), state: ServerState = Depends(get_state)):
-    """Kill `pid` (a no-op for an ended one); returns its final row."""
+    """Kill `pid`; returns its final row. A hibernated process's image is deleted (it is KILLED and can no longer
+    be restored); a 400 when that image runs again as another process. A no-op for a finished or killed one."""
     r, _ = await find_process(state, who, pid)
     out = await act(r, pid, r.kernel.kill, detail=True)
     r.engine.notify(pid)

@@ -5,6 +5,8 @@ Owns the translation between Ollama's request and response shapes and kernel pro
 `openai_api.Job`, so a client that goes away has its process killed here too). Errors keep the daemon's
 fields but put the message in a top-level string `error`, which is what Ollama clients read:
 `{"error": "model 'x' not found; ...", "type": "model_error", "code": 404}`.
+A chat message needs a role (system, user, assistant or tool) and string content; true/false where a number
+belongs is a 400 that names the field.
 Never samples, schedules or loads models itself.
 """
 
@@ -23,15 +25,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from safetensors import safe_open
 
 from llmos.errors import LlmosError
 from llmos.model.sampling import SamplingParams
 from llmos.model.tokenizer import Tokenizer
 from llmos.server.app import ApiError, Principal, ServerState, llmos_error_status, principal
-from llmos.server.openai_api import (CLIENT_CLOSED, ClientGone, ProcessStream, TokenText, api_finish_reason,
-                                     spawn_job)
+from llmos.server.openai_api import (CLIENT_CLOSED, ClientGone, Float, Int, ProcessStream, TokenText,
+                                     api_finish_reason, chat_role, message_object, spawn_job)
 
 FOREVER = timedelta(days=292 * 365)  # Ollama's "never expires" (the largest Go duration)
 
@@ -75,17 +78,17 @@ class OllamaOptions(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.0
-    seed: int | None = None
-    num_predict: int = -1
+    temperature: Float = 0.8
+    top_p: Float = 0.9
+    top_k: Int = 40
+    min_p: Float = 0.0
+    seed: Int | None = None
+    num_predict: Int = -1
     stop: str | list[str] | None = None
-    repeat_penalty: float = 1.0
-    presence_penalty: float = Field(0.0, description="only 0 is supported")
-    frequency_penalty: float = Field(0.0, description="only 0 is supported")
-    mirostat: int = Field(0, description="only 0 (off) is supported")
+    repeat_penalty: Float = 1.0
+    presence_penalty: Float = Field(0.0, description="only 0 is supported")
+    frequency_penalty: Float = Field(0.0, description="only 0 is supported")
+    mirostat: Int = Field(0, description="only 0 (off) is supported")
 
     def sampling_params(self, room: int, logprobs: int | None) -> SamplingParams:
         """The kernel's parameters; `room` = context tokens left after the prompt. 400 for the unsupported."""
@@ -114,7 +117,15 @@ class _OllamaRequest(BaseModel):
     format: str | dict | None = Field(None, description="not supported (must be empty)")
     think: bool | str | None = Field(None, description="not supported")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value):
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool_not_number", "must be seconds or a duration such as '5m', not a "
+                                      "boolean ({value})", {"value": json.dumps(value)})
+        return value
 
     def check_supported(self) -> None:
         if self.format:
@@ -132,17 +143,35 @@ class OllamaGenerateRequest(_OllamaRequest):
     prompt: str | None = None
     system: str | None = None
     raw: bool = False
-    context: list[int] | None = None
+    context: list[Int] | None = None
     suffix: str | None = Field(None, description="not supported")
     template: str | None = Field(None, description="not supported (the model's chat template is used)")
     images: list | None = Field(None, description="not supported")
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class OllamaMessage(BaseModel):
+    """One message: `role` one of CHAT_ROLES, `content` a string (Ollama's shape: no content parts)."""
+
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str = ""
+    role: str = Field(None, validate_default=True)
+    content: str = Field(None, validate_default=True)
     images: list | None = None
+
+    _object = model_validator(mode="before")(message_object)
+    _role = field_validator("role", mode="before")(lambda value: chat_role(value, CHAT_ROLES))
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value):
+        if value is None:
+            raise PydanticCustomError("chat_content", "required: a string (the message text)")
+        if not isinstance(value, str):
+            raise PydanticCustomError("chat_content", "must be a string (the message text), not {value}",
+                                      {"value": json.dumps(value)[:40]})
+        return value
 
 
 class OllamaChatRequest(_OllamaRequest):

@@ -8,7 +8,9 @@ Never samples or schedules (the kernel does) and never loads models itself (`Ser
 finish_reason: the kernel's "stop" and "length" pass through; a process that ended any other way (killed
 through the native API, hibernated, aborted after an engine failure) reports "abort", as vLLM does.
 Refused with a 400 that says so: presence/frequency penalties other than 0, logit_bias, suffix, best_of other
-than n, echo with logprobs (no prompt logprobs), tools, a non-text response_format or content part.
+than n, echo with logprobs (no prompt logprobs), tools, a non-text response_format or content part. A 400 that
+names the field: a message whose role is not system, developer, user, assistant or tool, or whose content is not
+a string or a list of text parts; true/false where a number belongs.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmos.kernel.kernel import Kernel
 from llmos.model.sampling import SamplingParams
@@ -208,6 +212,44 @@ class ProcessStream(StreamingResponse):
 # ---- request bodies ----------------------------------------------------------------------------------
 
 
+def not_bool(value):
+    """Refuse a JSON boolean where a number belongs (pydantic would read true as 1 and false as 0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "must be a number, not a boolean ({value})",
+                                  {"value": json.dumps(value)})
+    return value
+
+
+def no_bool_token_ids(value):
+    """Refuse JSON booleans among token ids (a list of ints, or of lists of ints)."""
+    if isinstance(value, list) and any(isinstance(x, bool) or (isinstance(x, list) and any(
+            isinstance(y, bool) for y in x)) for x in value):
+        raise PydanticCustomError("bool_not_number", "token ids must be numbers, not a boolean (true or false)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(not_bool)]  # an int field that refuses true/false
+Float = Annotated[float, BeforeValidator(not_bool)]  # a float field that refuses true/false
+
+
+def message_object(value):
+    """Refuse a chat message that is not a JSON object."""
+    if not isinstance(value, dict):
+        raise PydanticCustomError("chat_message", 'must be an object with a role and content, e.g. {"role": '
+                                  '"user", "content": "Hello"}')
+    return value
+
+
+def chat_role(value, roles: tuple[str, ...]):
+    """Refuse a missing role or one not in `roles`."""
+    if value is None:
+        raise PydanticCustomError("chat_role", "required: one of {roles}", {"roles": ", ".join(roles)})
+    if value not in roles:
+        raise PydanticCustomError("chat_role", "must be one of {roles}, not {value}",
+                                  {"roles": ", ".join(roles), "value": json.dumps(value)})
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -219,17 +261,17 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, description="a name from GET /v1/models")
-    n: int = Field(1, ge=1, le=64, description="samples per prompt, forked from one process after its prompt")
+    n: Int = Field(1, ge=1, le=64, description="samples per prompt, forked from one process after its prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="strings that end the output (not included in it)")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
-    top_p: float | None = Field(None, ge=0, le=1, description="nucleus sampling; 0 = greedy; default 1")
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported (must be empty)")
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
+    top_p: Float | None = Field(None, ge=0, le=1, description="nucleus sampling; 0 = greedy; default 1")
+    seed: Int | None = None
+    presence_penalty: Float | None = Field(None, description="only 0 is supported")
+    frequency_penalty: Float | None = Field(None, description="only 0 is supported")
+    logit_bias: dict[str, Float] | None = Field(None, description="not supported (must be empty)")
     user: str | None = Field(None, description="ignored: the caller is the API key's user")
 
     def check_supported(self) -> None:
@@ -259,35 +301,48 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """POST /v1/completions. `prompt`: text, token ids, or a list of either (one choice group per prompt)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], BeforeValidator(no_bool_token_ids)]
     echo: bool = Field(False, description="prepend the prompt to each choice's text")
-    logprobs: int | None = Field(None, ge=0, le=5, description="log probabilities of each token and this many "
+    logprobs: Int | None = Field(None, ge=0, le=5, description="log probabilities of each token and this many "
                                  "alternatives")
     suffix: str | None = Field(None, description="not supported")
-    best_of: int | None = Field(None, description="only best_of = n is supported")
+    best_of: Int | None = Field(None, description="only best_of = n is supported")
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_PARTS = 'a string or a list of text parts {"type": "text", "text": "..."}'
 
 
 class ChatMessage(BaseModel):
+    """One message: `role` one of CHAT_ROLES; `content` a string, or text parts (joined) as in
+    {"type": "text", "text": "..."}; other parts (images, audio) are a 400 that says llmos takes text only."""
+
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: str = Field(None, validate_default=True)
+    content: str = Field(None, validate_default=True)
     name: str | None = None
 
+    _object = model_validator(mode="before")(message_object)
+    _role = field_validator("role", mode="before")(lambda value: chat_role(value, CHAT_ROLES))
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value):
+        if isinstance(value, str):
+            return value
+        if value is None:
+            raise PydanticCustomError("chat_content", "required: {allowed}", {"allowed": TEXT_PARTS})
+        if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+            if any(part.get("type") != "text" for part in value):
+                raise PydanticCustomError("chat_content", "only text content parts are supported by llmos; send "
+                                          "{allowed}", {"allowed": TEXT_PARTS})
+            if all(isinstance(part.get("text"), str) for part in value):
+                return "".join(part["text"] for part in value)
+        raise PydanticCustomError("chat_content", "must be {allowed}", {"allowed": TEXT_PARTS})
+
     def for_template(self) -> dict:
-        """{"role", "content"} for the chat template: text parts joined; "developer" is a system message."""
-        content = self.content
-        if isinstance(content, list):
-            if any(part.type != "text" for part in content):
-                raise ApiError(400, "invalid_request_error", "only text content parts are supported by llmos; "
-                               "send the message content as a string or text parts.")
-            content = "".join(part.text or "" for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        """{"role", "content"} for the chat template; "developer" is a system message."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -295,9 +350,9 @@ class ChatCompletionRequest(_Sampling):
     llmos' plain "Role: content" template)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="overrides max_tokens")
+    max_completion_tokens: Int | None = Field(None, ge=1, description="overrides max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
+    top_logprobs: Int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
     tools: list | None = Field(None, description="not supported (must be empty)")
     response_format: dict | None = Field(None, description="only {'type': 'text'} is supported")
 
