@@ -217,8 +217,18 @@ def _coerce(name: str, value: Any) -> Any:
             return [v.strip() for v in value.split(",") if v.strip()] if name == "lora_targets" else [value]
         if isinstance(value, tuple):
             return list(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    base = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+    if float in base and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, str) and (float in base or int in base):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if float in base:
+            return number
+        if number.is_integer() and value.strip().lstrip("+-").replace("e", "").replace("E", "").isdigit():
+            return int(number)
     if name in ("data",) and isinstance(value, list):
         return [str(v) for v in value]
     return value

@@ -221,22 +221,29 @@ def _finetune():
     return finetune
 
 
+def check_init_from(c: TrainConfig) -> ModelConfig:
+    """The `ModelConfig` of `c.init_from`, checked against the run before any work: the same architecture
+    as `arch`, and a context of at least `seq_len`. Raises `InvalidRequestError`, `ModelLoadError`."""
+    found = checkpoint_arch(c.init_from)
+    if found != c.arch:
+        raise InvalidRequestError(
+            f"--init-from {c.init_from} is a {found!r} checkpoint but --arch is {c.arch!r}; pass --arch {found} "
+            "(or leave --arch out: it then follows the checkpoint).")
+    mconfig = ModelConfig.from_dir(c.init_from)
+    if c.seq_len > mconfig.context_length:
+        raise InvalidRequestError(
+            f"--seq-len {c.seq_len} is above the context of {c.init_from} ({mconfig.context_length} tokens); "
+            f"use --seq-len {mconfig.context_length} or less.")
+    return mconfig
+
+
 def make_model(c: TrainConfig, data: RunData) -> tuple[torch.nn.Module, ModelConfig]:
     """The model before training, in fp32 on CPU: `init_from`'s weights, or a fresh one seeded by `c.seed`
     (normal(0, 0.02), GPT-2's 0.02/sqrt(2 * layers) on residual projections); LoRA-wrapped if asked.
     Raises `InvalidRequestError` for an `init_from` of another architecture than `arch` or a `seq_len`
     above its context, `ModelLoadError` / `UnsupportedModelError` for an unusable checkpoint."""
     if c.init_from:
-        found = checkpoint_arch(c.init_from)
-        if found != c.arch:
-            raise InvalidRequestError(
-                f"--init-from {c.init_from} is a {found!r} checkpoint but --arch is {c.arch!r}; pass --arch {found} "
-                "(or leave --arch out: it then follows the checkpoint).")
-        mconfig = ModelConfig.from_dir(c.init_from)
-        if c.seq_len > mconfig.context_length:
-            raise InvalidRequestError(
-                f"--seq-len {c.seq_len} is above the context of {c.init_from} ({mconfig.context_length} tokens); "
-                f"use --seq-len {mconfig.context_length} or less.")
+        mconfig = check_init_from(c)
         if data.vocab_size > mconfig.vocab_size:
             raise InvalidRequestError(
                 f"the tokenizer has {data.vocab_size} tokens but {c.init_from} embeds only {mconfig.vocab_size}; "
@@ -532,6 +539,8 @@ def train(c: TrainConfig) -> dict:
                                       "lacks; update llmos.") from None
         return run_classify(c)
     out = check_out_dir(c)  # fail before any work, not after it
+    if c.init_from:
+        check_init_from(c)
     info = D.init(c.device)
     threads_before = torch.get_num_threads()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))

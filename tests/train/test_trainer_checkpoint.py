@@ -1,0 +1,262 @@
+"""Checkpoints survive a full disk; init_from, architectures, the run directory's files, and the CLI's errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmos
+from llmos.errors import InvalidRequestError
+from llmos.model.config import ModelConfig
+from llmos.model.loader import load_model, save_model
+from llmos.model.transformer import build_model
+from llmos.train import trainer as trainer_module
+from llmos.train.trainer import CheckpointWriteError, TrainConfig, flops_per_token, train
+
+TEXT = "".join(f"Line {i}: in the beginning was the word, and the word was with light.\n" for i in range(200))
+SRC = str(Path(llmos.__file__).resolve().parents[1])
+
+
+def tiny(tmp_path: Path, out: str = "run", **overrides) -> TrainConfig:
+    d = dict(data=[str(tmp_path / "t.txt")], out_dir=str(tmp_path / out), vocab_size=300, hidden_size=16,
+             num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, seq_len=16, batch_size=2, max_steps=6,
+             warmup_steps=1, lr=3e-3, min_lr=3e-4, eval_interval=100, eval_steps=1, log_interval=1, save_interval=2,
+             num_threads=1, progress=False, seed=2, device="cpu")
+    d.update(overrides)
+    return TrainConfig(**d)
+
+
+@pytest.fixture
+def text(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+
+
+def losses(out: Path) -> list[float]:
+    return [r["train_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+
+
+@pytest.mark.parametrize("writer", ["llmos.model.loader.save_file", "llmos.train.trainer.save_file"])
+def test_a_full_disk_during_checkpointing_keeps_the_previous_checkpoint(tmp_path, text, monkeypatch, writer):
+    """The second checkpoint write fails with ENOSPC: a clear error, checkpoints/last still holds step 2 whole,
+    no temporary directories are left, and --resume then finishes with the uninterrupted run's losses."""
+    module, name = writer.rsplit(".", 1)
+    real = getattr(__import__(module, fromlist=[name]), name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("filename"))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, failing)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint there is intact.*--resume"):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(writer, real)
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last"
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 2
+    load_model(last)  # whole and loadable
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+    assert not (out / "config.json").exists()
+
+    train(tiny(tmp_path, resume=True))
+    train(tiny(tmp_path, "reference"))
+    assert losses(out) == losses(tmp_path / "reference")
+
+
+def gpt2_checkpoint(path: Path, context: int = 32) -> Path:
+    from llmos.train.bpe import save_tokenizer, train_tokenizer_from_texts
+
+    config = ModelConfig(model_type="gpt2", vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                         intermediate_size=64, max_position_embeddings=context, tie_word_embeddings=True,
+                         attention_bias=True, o_proj_bias=True, mlp_bias=True, hidden_act="gelu_new",
+                         bos_token_id=0, eos_token_ids=[0])
+    torch.manual_seed(0)
+    save_model(build_model(config), config, path)
+    save_tokenizer(train_tokenizer_from_texts([TEXT], 300), path, context)
+    return path
+
+
+def test_init_from_another_architecture_or_a_longer_context_is_refused(tmp_path, text):
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    with pytest.raises(InvalidRequestError, match="is a 'gpt2' checkpoint but --arch is 'llama'.*--arch gpt2"):
+        train(tiny(tmp_path, init_from=str(ckpt), arch="llama"))
+    with pytest.raises(InvalidRequestError, match=r"--seq-len 64 is above the context of .* \(32 tokens\)"):
+        train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", seq_len=64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "t.txt"]  # nothing written
+    from llmos.train.config import load_config
+
+    assert load_config(None, [f"init_from={ckpt}"]).arch == "gpt2"  # without --arch, it follows the checkpoint
+
+
+def test_continued_pretraining_from_a_checkpoint(tmp_path, text):
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    summary = train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", max_steps=4))
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    assert (out / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()  # its tokenizer, reused
+    before, _ = load_model(ckpt)
+    after, _ = load_model(out)
+    assert not torch.equal(before.transformer.h[0].mlp.c_fc.weight, after.transformer.h[0].mlp.c_fc.weight)
+    assert summary["state"] == "finished" and summary["steps"] == 4
+
+
+def test_gpt2_from_scratch_loads_in_transformers_with_the_same_logits(tmp_path, text):
+    transformers = pytest.importorskip("transformers")
+    train(tiny(tmp_path, arch="gpt2", num_heads=2, intermediate_size=64, max_steps=3))
+    out = tmp_path / "run"
+    ours, config = load_model(out)
+    assert config.model_type == "gpt2" and config.max_position_embeddings == 16
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).float(), theirs(ids).logits.float(), atol=1e-4, rtol=0)
+
+
+def test_run_directory_files_and_the_mfu_formula(tmp_path, text):
+    c = tiny(tmp_path, max_steps=4, eval_interval=2)
+    train(c)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert set(train_rows[0]) >= {"step", "tokens", "lr", "train_loss", "tokens_per_s", "elapsed_s", "mfu"}
+    assert [r["tokens"] for r in train_rows] == [32 * s for s in (1, 2, 3, 4)]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert set(evals[0]) == {"step", "tokens", "val_loss", "val_perplexity", "elapsed_s"}
+    progress = json.loads((out / "progress.json").read_text())
+    assert {"step", "total_steps", "tokens", "train_loss", "val_loss", "tokens_per_s", "eta_s", "state"} <= set(progress)
+    assert (progress["step"], progress["total_steps"], progress["state"]) == (4, 4, "finished")
+    best = json.loads((out / "checkpoints" / "best" / "eval.json").read_text())
+    assert best["val_loss"] == min(r["val_loss"] for r in evals)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    import yaml
+
+    assert TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())) == c
+    _, mconfig = load_model(out)
+    n = mconfig.num_parameters()
+    assert flops_per_token(mconfig, n, 16) == 6 * n + 12 * 1 * 16 * 16  # 6N + 12 * layers * hidden * seq_len
+
+
+def test_lora_needs_the_finetune_module_or_calls_it(tmp_path, text, monkeypatch):
+    """With lora_rank > 0 the trainer calls finetune.prepare_model before and finalize_model (on a copy) at saves."""
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    seen = []
+    fake = types.ModuleType("llmos.train.finetune")
+
+    def prepare_model(config, model):
+        seen.append("prepare")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("c_attn.weight"))
+        return model
+
+    def finalize_model(config, model):
+        seen.append("finalize")
+        return model
+
+    fake.prepare_model, fake.finalize_model = prepare_model, finalize_model
+    monkeypatch.setitem(sys.modules, "llmos.train.finetune", fake)
+    monkeypatch.setattr(llmos.train, "finetune", fake, raising=False)
+    train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", lora_rank=4, max_steps=2))
+    assert seen[0] == "prepare" and "finalize" in seen
+    before, _ = load_model(ckpt)
+    after, _ = load_model(tmp_path / "run")
+    assert torch.equal(before.transformer.h[0].mlp.c_fc.weight, after.transformer.h[0].mlp.c_fc.weight)  # frozen
+    assert not torch.equal(before.transformer.h[0].attn.c_attn.weight, after.transformer.h[0].attn.c_attn.weight)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "trainer_state.safetensors"))
+    assert {k for k in saved if k.startswith("model/")} == {"model/transformer.h.0.attn.c_attn.weight"}
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "llmos.cli.train_cmd", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, text):
+    result = run_cli("--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--set", "seq_len=long",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --seq-len (seq_len) must be int, got 'long'."]
+    result = run_cli("--out", str(tmp_path / "nothing"), "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_config_file_with_overrides_trains(tmp_path, text):
+    (tmp_path / "c.toml").write_text(
+        f'data = ["{tmp_path / "t.txt"}"]\nout_dir = "{tmp_path / "run"}"\nvocab_size = 300\nhidden_size = 16\n'
+        'num_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\nintermediate_size = 32\nseq_len = 16\nbatch_size = 2\n'
+        'max_steps = 50\nnum_threads = 1\ndevice = "cpu"\n')
+    result = run_cli("--config", str(tmp_path / "c.toml"), "--set", "max_steps=3", "--set", "eval_steps=1",
+                     "--seed", "9", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["max_steps"], saved["seed"], saved["hidden_size"], saved["progress"]) == (3, 9, 16, False)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_detach_hands_the_resolved_config_to_the_jobs_module(tmp_path, text, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from llmos.cli.train_cmd import train_command
+
+    submitted = []
+    fake = types.ModuleType("llmos.cli.jobs_cmd")
+    fake.submit = submitted.append
+    monkeypatch.setitem(sys.modules, "llmos.cli.jobs_cmd", fake)
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "job"),
+                                      "--max-steps", "7", "--detach"])
+    assert result.exit_code == 0, result.output
+    assert len(submitted) == 1 and isinstance(submitted[0], TrainConfig)
+    assert submitted[0].max_steps == 7 and submitted[0].out_dir == str(tmp_path / "job")
+    assert not (tmp_path / "job").exists()  # the daemon runs it, not this process
+
+
+def test_nproc_relaunches_under_torchrun(tmp_path, text, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from llmos.cli.train_cmd import train_command
+    from llmos.train import distributed
+
+    launched = []
+
+    def launch(nproc, args):
+        import yaml
+
+        launched.append((nproc, yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())))
+        return 0
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r"), "--nproc", "2",
+                                      "--batch-size", "4", "--dist", "fsdp"])
+    assert result.exit_code == 0, result.output
+    assert launched[0][0] == 2 and launched[0][1]["dist"] == "fsdp" and launched[0][1]["batch_size"] == 4
+    assert trainer_module  # the trainer itself was never called in this process
+    assert not (tmp_path / "r").exists()
