@@ -58,6 +58,7 @@ def init(device: str = "auto") -> DistInfo:
     """Who this process is. Under torchrun, joins the process group (NCCL on CUDA, gloo on CPU), once."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(device=pick_device(device))
+    _die_with_parent()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
@@ -68,6 +69,23 @@ def init(device: str = "auto") -> DistInfo:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
         here = True
     return DistInfo(rank, world, local_rank, dev, here)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when torchrun dies. torchrun starts its workers in their own sessions, so a
+    SIGKILL to the launcher's process group (how the daemon kills a job) would otherwise leave them training."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the call
+        os._exit(1)
 
 
 def shutdown(info: DistInfo) -> None:
