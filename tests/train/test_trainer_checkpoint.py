@@ -65,7 +65,7 @@ def test_a_full_disk_during_checkpointing_keeps_the_previous_checkpoint(tmp_path
     last = out / "checkpoints" / "last"
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 2
     load_model(last)  # whole and loadable
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "tokenizer"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
     assert not (out / "config.json").exists()
 
@@ -260,3 +260,30 @@ def test_nproc_relaunches_under_torchrun(tmp_path, text, monkeypatch):
     assert launched[0][0] == 2 and launched[0][1]["dist"] == "fsdp" and launched[0][1]["batch_size"] == 4
     assert trainer_module  # the trainer itself was never called in this process
     assert not (tmp_path / "r").exists()
+
+
+def test_sft_loss_counts_only_the_masked_targets(tmp_path):
+    """--task sft on chat JSONL: the logged first-step loss is the initial model's cross-entropy over the
+    assistant tokens of batch (0, 0) only (recomputed here from the shards and the same seeded model)."""
+    pytest.importorskip("llmos.train.shards")  # the streaming data pipeline (issue 5, data part)
+    import torch.nn.functional as F
+
+    from llmos.train.loader import IGNORE_INDEX, BatchSampler
+    from llmos.train.trainer import make_model, open_data
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                      {"role": "assistant", "content": f"It is {2 * i}."}]}) for i in range(150)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    c = tiny(tmp_path, data=[str(tmp_path / "chat.jsonl")], task="sft", chat_tokens=True, max_steps=1,
+             save_interval=0, seq_len=32, batch_size=4)
+    train(c)
+    out = tmp_path / "run"
+    data = open_data(out / "data", out / "checkpoints" / "tokenizer")
+    assert data.manifest["kind"] == "sft"
+    model, _ = make_model(c, data)
+    batch = BatchSampler(data.train, c.batch_size, c.seq_len, c.seed).batch(0, 0)
+    assert 0 < batch.num_targets < batch.targets.numel()  # the user turns and separators do not count
+    with torch.no_grad():
+        expected = F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten(),
+                                   ignore_index=IGNORE_INDEX).item()
+    assert losses(out)[0] == pytest.approx(expected, rel=1e-6)

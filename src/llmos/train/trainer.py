@@ -136,67 +136,123 @@ def _read_tokenizer(directory: Path) -> tuple[HFTokenizer, str]:
     return tok, eot
 
 
-def prepare_data(c: TrainConfig, data_dir: Path, say: Callable[[str], None]) -> None:
-    """Read the text under `c.data`, train (or reuse) the tokenizer, pack, split, and write `data_dir`:
-    tokenizer files, train-00000.bin / val-00000.bin (the shards layout of CONTRACT: raw little-endian
-    token ids, `<eot> doc <eot> doc ... <eot>`) and manifest.json. Built in a temporary directory beside the
-    run directory and renamed into place, so bad data leaves nothing behind (not even the run directory).
+def _data_modules():
+    """(bpe, shards) of the streaming data pipeline, or None where llmos.train.shards is not installed."""
+    try:
+        from llmos.train import bpe, shards
+    except ImportError:
+        return None
+    return (bpe, shards) if hasattr(bpe, "prepare_tokenizer") else None
 
-    Raises `DataError` (missing, empty, binary or too little text; a too-small vocabulary).
+
+def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
+    """Train (or reuse) the tokenizer into `out/checkpoints/tokenizer/` and tokenize `c.data` into token shards
+    in `out/data/` (the layout of `llmos.train.shards`; the tokenizer stays out of the shard folder, which
+    holds shards only). Both are built in a temporary directory beside `out` and renamed into place, so bad
+    data leaves nothing behind, not even `out`.
+
+    With `llmos.train.shards`: any source format, streaming, SFT masks (`bpe.prepare_tokenizer`,
+    `shards.prepare_shards`). Without it: .txt/.md files read whole (`data.py`), one shard file per split.
+    Raises `DataError` (missing, empty, binary or too little data; a too-small vocabulary).
     """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    try:
+        tok_tmp, data_tmp = tmp / "tokenizer", tmp / "data"
+        modules = _data_modules()
+        if modules is not None:
+            _prepare_shards(c, modules, tok_tmp, data_tmp, say)
+        else:
+            if c.task == "sft":
+                raise InvalidRequestError("--task sft needs llmos.train.shards (chat JSONL with loss masks), "
+                                          "which this installation lacks; update llmos.")
+            _prepare_text(c, tok_tmp, data_tmp, say)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for src, dst in ((tok_tmp, out / "checkpoints" / "tokenizer"), (data_tmp, out / "data")):
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare_shards(c: TrainConfig, modules, tok_dir: Path, data_dir: Path, say: Callable[[str], None]) -> None:
+    bpe, shards = modules
+    options = dict(text_field=c.text_field, messages_field=c.messages_field, text_column=c.text_column,
+                   label_column=c.label_column, normalize=c.normalize, clean=c.clean, dedup=c.dedup)
+    source = c.tokenizer or c.init_from
+    tok = bpe.prepare_tokenizer(c.data, tok_dir, vocab_size=c.vocab_size, tokenizer=source, chat_tokens=c.chat_tokens,
+                                model_max_length=c.seq_len, **options)
+    manifest = shards.prepare_shards(c.data, data_dir, tok, kind="sft" if c.task == "sft" else "lm", seq_len=c.seq_len,
+                                     val_fraction=c.val_fraction, progress=c.progress, **options)
+    tokens = sum(e["tokens"] for split in manifest["splits"].values() for e in split)
+    say(f"data: {manifest['documents']} documents, {tokens:,} tokens, vocabulary {manifest['vocab_size']:,}")
+
+
+def _prepare_text(c: TrainConfig, tok_dir: Path, data_dir: Path, say: Callable[[str], None]) -> None:
     docs = read_documents(c.data)
     source = Path(c.tokenizer) if c.tokenizer else Path(c.init_from) if c.init_from else None
-    scratch = data_dir.parent.parent
-    scratch.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.parent.name}.data-", dir=scratch))
-    try:
-        if source is not None:
-            tok, eot = _read_tokenizer(source)
-            for name in TOKENIZER_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, tmp / name)
-        else:
-            check_vocab_size(c.vocab_size)
-            eot = DEFAULT_SPECIAL_TOKENS[0]
-            tok = train_tokenizer_from_texts(docs, c.vocab_size, DEFAULT_SPECIAL_TOKENS)
-            save_tokenizer(tok, tmp, c.seq_len, DEFAULT_SPECIAL_TOKENS)
-        eot_id = tok.token_to_id(eot)
-        tokens = pack_documents(docs, tok, eot_id)
-        split = split_train_val(tokens, c.val_fraction, c.seq_len)
-        splits = {}
-        for name, part in (("train", split.train), ("val", split.val)):
-            if len(part):
-                part.astype(part.dtype.newbyteorder("<"), copy=False).tofile(tmp / f"{name}-00000.bin")
-            splits[name] = [{"file": f"{name}-00000.bin", "tokens": int(len(part)), "mask": None}] if len(part) else []
-        manifest = {"format": "llmos-shards/1", "dtype": str(tokens.dtype), "vocab_size": tok.get_vocab_size(),
-                    "eot_id": eot_id, "kind": "lm", "seq_len": c.seq_len, "splits": splits, "documents": len(docs),
-                    "duplicates_removed": 0, "normalize": "none", "clean": False, "sources": list(c.data)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        os.replace(tmp, data_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tok_dir.mkdir()
+    data_dir.mkdir()
+    if source is not None:
+        tok, eot = _read_tokenizer(source)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tok_dir / name)
+    else:
+        check_vocab_size(c.vocab_size)
+        eot = DEFAULT_SPECIAL_TOKENS[0]
+        tok = train_tokenizer_from_texts(docs, c.vocab_size, DEFAULT_SPECIAL_TOKENS)
+        save_tokenizer(tok, tok_dir, c.seq_len, DEFAULT_SPECIAL_TOKENS)
+    eot_id = tok.token_to_id(eot)
+    tokens = pack_documents(docs, tok, eot_id)
+    split = split_train_val(tokens, c.val_fraction, c.seq_len)
+    splits = {}
+    for name, part in (("train", split.train), ("val", split.val)):
+        if len(part):
+            part.astype(part.dtype.newbyteorder("<"), copy=False).tofile(data_dir / f"{name}-00000.bin")
+        splits[name] = [{"file": f"{name}-00000.bin", "tokens": int(len(part))}] if len(part) else []
+    manifest = {"format": "llmos-shards/1", "dtype": str(tokens.dtype), "vocab_size": tok.get_vocab_size(),
+                "eot_id": eot_id, "kind": "lm", "seq_len": c.seq_len, "splits": splits, "documents": len(docs),
+                "duplicates_removed": 0, "normalize": "none", "clean": False, "sources": list(c.data)}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"data: {len(docs)} documents, {len(tokens):,} tokens ({len(split.train):,} train, "
         f"{len(split.val):,} validation), vocabulary {tok.get_vocab_size():,}")
 
 
-def open_data(data_dir: Path) -> RunData:
-    """The prepared splits of `data_dir` (memory-mapped). Uses `llmos.train.shards.ShardSplit` where that
-    module exists; reads single-file splits itself otherwise."""
+def adopt_tokenizer(c: TrainConfig, data_dir: Path, tok_dir: Path) -> None:
+    """For prepared shards (`shards_dir`): copy the tokenizer that made them into `tok_dir`: `c.tokenizer`,
+    `c.init_from`, or the finished run the shards belong to (`shards_dir/..`). Raises `DataError` if none
+    is found or its vocabulary differs from the shards'."""
+    candidates = [Path(p) for p in (c.tokenizer, c.init_from) if p] + [data_dir.parent]
+    source = next((p for p in candidates if (p / "tokenizer.json").is_file()), None)
+    if source is None:
+        raise DataError(f"no tokenizer for the shards in {data_dir}; pass --tokenizer (the run or model whose "
+                        "tokenizer prepared them).")
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    try:
-        from llmos.train.shards import ShardSplit
-    except ImportError:
-        ShardSplit = None
+    vocab = HFTokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size()
+    if vocab != manifest.get("vocab_size"):
+        raise DataError(f"the tokenizer in {source} has {vocab} tokens but the shards in {data_dir} were made with "
+                        f"{manifest.get('vocab_size')}; pass --tokenizer with the tokenizer that prepared them.")
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=tok_dir.parent))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.replace(tmp, tok_dir)
+
+
+def open_data(data_dir: Path, tok_dir: Path) -> RunData:
+    """The prepared splits of `data_dir` (memory-mapped) and the tokenizer in `tok_dir`. Uses
+    `llmos.train.shards.ShardSplit` where that module exists; reads single-file splits itself otherwise."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    modules = _data_modules()
 
     def split(name: str):
-        files = manifest["splits"].get(name) or []
+        files = [f for f in manifest["splits"].get(name) or [] if f["tokens"] > 0]
         if not files:
             return None
-        if ShardSplit is not None:
-            return ShardSplit(data_dir, name)
+        if modules is not None:
+            return modules[1].ShardSplit(data_dir, name)
         if len(files) > 1:
             raise DataError(f"{data_dir} holds multi-file shards; reading them needs llmos.train.shards.")
         tokens = np.memmap(data_dir / files[0]["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r")
@@ -205,8 +261,8 @@ def open_data(data_dir: Path) -> RunData:
             mask = np.memmap(data_dir / files[0]["mask"], dtype=np.uint8, mode="r")
         return ArraySplit(tokens, mask)
 
-    tok, eot = _read_tokenizer(data_dir)
-    return RunData(split("train"), split("val"), data_dir, manifest["eot_id"], tok.get_vocab_size(), manifest)
+    vocab = HFTokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    return RunData(split("train"), split("val"), tok_dir, manifest["eot_id"], vocab, manifest)
 
 
 # ---- model ---------------------------------------------------------------------------------------------
@@ -577,6 +633,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     say = progress.console.print if (c.progress and info.is_main) else (lambda *args, **kwargs: None)
     last_dir, best_dir = out / "checkpoints" / "last", out / "checkpoints" / "best"
     data_dir = Path(c.shards_dir).expanduser().absolute() if c.shards_dir else out / "data"
+    tok_dir = out / "checkpoints" / "tokenizer"  # the run's tokenizer; copied into every checkpoint
 
     # ---- the run directory, data and tokenizer (rank 0 writes, everyone reads) ----------------------------
     state_meta, state_tensors = (None, None)
@@ -585,23 +642,28 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         check_resume_config(c, state_meta["config"])
 
     def setup() -> None:
-        if not c.resume and not c.shards_dir:
-            prepare_data(c, data_dir, say)  # first: bad data must leave nothing behind
-        out.mkdir(parents=True, exist_ok=True)
         if not c.resume:
-            for name in RUN_FILES:
-                p = out / name
-                if p == data_dir or name == "config.yaml":
-                    continue
+            fresh = [out / n for n in RUN_FILES if n != "config.yaml" and out / n != data_dir]
+            if not c.shards_dir:
+                prepare_data(c, out, say)  # first: bad data must leave nothing behind
+                fresh = [p for p in fresh if p.name not in ("data", "checkpoints")]
+            for p in fresh:  # the files of an earlier run in this directory
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints").mkdir(exist_ok=True)
+            for p in (out / "checkpoints").iterdir():
+                if p.name != "tokenizer":
+                    shutil.rmtree(p)
+            if c.shards_dir:
+                adopt_tokenizer(c, data_dir, tok_dir)
         save_config(c, out / "config.yaml")
-        (out / "checkpoints").mkdir(exist_ok=True)
-        if c.resume and not c.shards_dir and not (data_dir / "manifest.json").is_file():
-            raise DataError(f"{data_dir} is missing, so the run cannot continue on the same tokens; "
-                            "start a new run (or restore the folder).")
+        for need in (data_dir / "manifest.json", tok_dir / "tokenizer.json"):
+            if not need.is_file():
+                raise DataError(f"{need} is missing, so the run cannot continue on the same tokens; "
+                                "start a new run (or restore the file).")
 
     _on_main(info, setup)
-    data = open_data(data_dir)
+    data = open_data(data_dir, tok_dir)
     if data.train is None:
         raise DataError(f"{data_dir} has no training split; prepare the data again.")
 
