@@ -287,3 +287,28 @@ def test_sft_loss_counts_only_the_masked_targets(tmp_path):
         expected = F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten(),
                                    ignore_index=IGNORE_INDEX).item()
     assert losses(out)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_lstm_trains_from_scratch_and_resumes_exactly(tmp_path, text, monkeypatch):
+    """--arch lstm (llmos.model.lstm, issue 5's LSTM part): the same loop, checkpoints and exact resume."""
+    pytest.importorskip("llmos.model.lstm")
+    import llmos.model.loader as loader
+
+    c = tiny(tmp_path, arch="lstm", num_layers=2)
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the step-4 checkpoint fails: the run stops with step 2 saved
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(c)
+    monkeypatch.setattr(loader, "save_file", real)
+    train(tiny(tmp_path, arch="lstm", num_layers=2, resume=True))
+    train(tiny(tmp_path, "reference", arch="lstm", num_layers=2))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_type"] == "llmos_lstm"
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+    load_model(tmp_path / "run")
