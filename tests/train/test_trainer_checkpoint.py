@@ -68,6 +68,7 @@ def test_a_full_disk_during_checkpointing_keeps_the_previous_checkpoint(tmp_path
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "tokenizer"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
     assert not (out / "config.json").exists()
+    assert json.loads((out / "progress.json").read_text())["state"] == "failed"
 
     train(tiny(tmp_path, resume=True))
     train(tiny(tmp_path, "reference"))

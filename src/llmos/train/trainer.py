@@ -60,7 +60,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 STATE_FORMAT = "llmos-trainer-state/1"
 # Settings a resumed run may change: they do not touch the weights, the batches or the schedule.
 RESUME_FREE = {"data", "out_dir", "resume", "progress", "num_threads", "compile", "nproc", "dist", "device",
-               "eval_interval", "log_interval", "save_interval", "shards_dir", "tokenizer"}
+               "eval_interval", "log_interval", "save_interval", "tokenizer"}
 
 
 class CheckpointWriteError(LlmosError):
@@ -594,14 +594,12 @@ def train(c: TrainConfig) -> dict:
             raise InvalidRequestError("--task classify needs llmos.train.classify, which this installation "
                                       "lacks; update llmos.") from None
         return run_classify(c)
-    out = check_out_dir(c)  # fail before any work, not after it
-    if c.init_from:
-        check_init_from(c)
     info = D.init(c.device)
     threads_before = torch.get_num_threads()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(c.num_threads or max(1, (os.cpu_count() or 1) // local_world))
     try:
+        out = Path(_on_main(info, lambda: _checks(c)))  # fail before any work, not after it
         if c.batch_size % info.world_size:
             raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
                                       f"the {info.world_size} processes.")
@@ -609,6 +607,13 @@ def train(c: TrainConfig) -> dict:
     finally:
         torch.set_num_threads(threads_before)
         D.shutdown(info)
+
+
+def _checks(c: TrainConfig) -> str:
+    out = check_out_dir(c)
+    if c.init_from:
+        check_init_from(c)
+    return str(out)
 
 
 def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
@@ -619,12 +624,11 @@ def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
             result = fn()
         except LlmosError as e:
             error, original = (type(e), str(e)), e
-    error = D.broadcast_object(error, info)
+    error, result = D.broadcast_object((error, result), info)
     if original is not None:
         raise original
     if error is not None:
         raise error[0](error[1])
-    D.barrier(info)
     return result
 
 
@@ -674,8 +678,11 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if state_meta is not None:
         if c.lora_rank > 0:  # the adapters live in the trainer state; the base weights come from init_from
-            model.load_state_dict({n[len("model/"):]: t for n, t in state_tensors.items() if n.startswith("model/")},
-                                  strict=False)
+            adapters = {n[len("model/"):]: t for n, t in state_tensors.items() if n.startswith("model/")}
+            if set(adapters) != set(trainable_names):
+                raise InvalidRequestError(f"{last_dir} holds adapters for {sorted(adapters)[:3]}..., but this model "
+                                          f"trains {sorted(trainable_names)[:3]}...; resume with the run's own settings.")
+            model.load_state_dict(adapters, strict=False)
         else:
             saved, _ = load_model(last_dir)
             model.load_state_dict(saved.state_dict())
@@ -738,7 +745,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
 
     def save_last(step: int) -> None:
         """checkpoints/last after `step` completed steps (collective: every rank gathers its shard)."""
-        full = D.full_model_state(wrapped)  # collectives under FSDP: every rank takes part
+        fsdp = D.is_fsdp(wrapped)  # under FSDP these are collectives: every rank takes part
+        full = D.full_model_state(wrapped) if fsdp or c.lora_rank > 0 else None
         opt_state = D.full_optimizer_state(wrapped, optimizer)
         if not info.is_main:
             D.barrier(info)
@@ -768,80 +776,88 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     state = "running"
     wrapped.train()
     write_progress(state, start, 0.0)
-    with progress, StopSignals() as stop:
-        progress.update(task, completed=start)
-        step = start
-        for step in range(start, total_steps):
-            lr = get_lr(step, c)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    done = start
+    try:
+        with progress, StopSignals() as stop:
+            progress.update(task, completed=start)
+            step = start
+            for step in range(start, total_steps):
+                lr = get_lr(step, c)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            counted = sampler.global_targets(step, c.grad_accum)  # the loss is the mean over these tokens
-            loss_sum = 0.0
-            for micro in range(c.grad_accum):
-                batch = sampler.batch(step, micro)
-                x, y = batch.inputs.to(info.device), batch.targets.to(info.device)
-                with _grad_sync(wrapped, micro == c.grad_accum - 1):
-                    with autocast:
-                        logits = forward(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                           reduction="sum")
-                    (loss * (info.world_size / max(1, counted))).backward()  # DDP/FSDP average over ranks
-                loss_sum += loss.item()
-            if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                counted = sampler.global_targets(step, c.grad_accum)  # the loss is the mean over these tokens
+                loss_sum = 0.0
+                for micro in range(c.grad_accum):
+                    batch = sampler.batch(step, micro)
+                    x, y = batch.inputs.to(info.device), batch.targets.to(info.device)
+                    with _grad_sync(wrapped, micro == c.grad_accum - 1):
+                        with autocast:
+                            logits = forward(x)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                               reduction="sum")
+                        (loss * (info.world_size / max(1, counted))).backward()  # DDP/FSDP average over ranks
+                    loss_sum += loss.item()
+                if c.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            total, stops = D.all_reduce_sum([loss_sum, float(stop.requested is not None)], info)
-            train_loss = total / max(1, counted)
-            if not math.isfinite(train_loss):
-                write_progress("failed", step, tokens_per_s)
-                raise TrainingDivergedError(
-                    f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
-                    f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
-                    "--grad-clip on, and start again.")
-            tokens_seen += c.tokens_per_step
-            session_tokens += c.tokens_per_step
-            elapsed = time.perf_counter() - t0
-            tokens_per_s = session_tokens / elapsed
-            mfu = fpt * tokens_per_s / peak
-            progress.update(task, completed=step + 1, loss=train_loss, tps=tokens_per_s, mfu=100 * mfu)
-            done = step + 1
-            last = done == total_steps
-            stopping = stops > 0
-            if done % c.log_interval == 0 or last or stopping:
-                log({"step": done, "tokens": tokens_seen, "lr": lr, "train_loss": train_loss,
-                     "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 2),
-                     "mfu": round(mfu, 4)})
-                write_progress(state, done, tokens_per_s)
-            evaluated = False
-            if val_sampler is not None and (done % c.eval_interval == 0 or last):
-                val_loss = estimate_val_loss(forward, val_sampler, c, autocast, info)
-                evaluated = True
-                log({"step": done, "tokens": tokens_seen, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                     "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)})
-                say(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                    f"val ppl {math.exp(val_loss):.2f}, {tokens_per_s:,.0f} tokens/s")
-                if best_val is None or val_loss < best_val:
-                    best_val = val_loss
-                    full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
+                total, stops = D.all_reduce_sum([loss_sum, float(stop.requested is not None)], info)
+                train_loss = total / max(1, counted)
+                if not math.isfinite(train_loss):
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
+                        f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
+                        "--grad-clip on, and start again.")
+                tokens_seen += c.tokens_per_step
+                session_tokens += c.tokens_per_step
+                elapsed = time.perf_counter() - t0
+                tokens_per_s = session_tokens / elapsed
+                mfu = fpt * tokens_per_s / peak
+                progress.update(task, completed=step + 1, loss=train_loss, tps=tokens_per_s, mfu=100 * mfu)
+                done = step + 1
+                last = done == total_steps
+                stopping = stops > 0
+                if done % c.log_interval == 0 or last or stopping:
+                    log({"step": done, "tokens": tokens_seen, "lr": lr, "train_loss": train_loss,
+                         "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 2),
+                         "mfu": round(mfu, 4)})
+                    write_progress(state, done, tokens_per_s)
+                evaluated = False
+                if val_sampler is not None and (done % c.eval_interval == 0 or last):
+                    val_loss = estimate_val_loss(forward, val_sampler, c, autocast, info)
+                    evaluated = True
+                    log({"step": done, "tokens": tokens_seen, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                         "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)})
+                    say(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                        f"val ppl {math.exp(val_loss):.2f}, {tokens_per_s:,.0f} tokens/s")
+                    if best_val is None or val_loss < best_val:
+                        best_val = val_loss
+                        full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
+                        if info.is_main:
+                            plain = _plain_model(c, data, mconfig, model, full, wrapped)
+                            note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+                            write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data,
+                                             generation, lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
+                        D.barrier(info)
                     if info.is_main:
-                        plain = _plain_model(c, data, mconfig, model, full, wrapped)
-                        note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
-                        write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data,
-                                         generation, lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
-                    D.barrier(info)
-                if info.is_main:
-                    plot_losses(metrics_file, out / "loss.png")
-            if evaluated or last or stopping or (c.save_interval and done % c.save_interval == 0):
-                save_last(done)
-                write_progress(state, done, tokens_per_s)
-            if stopping and not last:
-                state = "suspended"
-                break
-    if metrics is not None:
-        metrics.close()
+                        plot_losses(metrics_file, out / "loss.png")
+                if evaluated or last or stopping or (c.save_interval and done % c.save_interval == 0):
+                    save_last(done)
+                    write_progress(state, done, tokens_per_s)
+                if stopping and not last:
+                    state = "suspended"
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints/last holds the last saved step
+        _best_effort(lambda: write_progress("suspended", done, tokens_per_s))
+        raise
+    except BaseException:
+        _best_effort(lambda: write_progress("failed", done, tokens_per_s))
+        raise
+    finally:
+        if metrics is not None:
+            metrics.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
     summary = {"state": "finished" if state == "running" else state, "steps": step + 1 if total_steps > start else start,
                "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
@@ -868,6 +884,14 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         say(f"saved {out} ({train_seconds:.0f} s, {tokens_seen:,} tokens)")
     D.barrier(info)
     return summary
+
+
+def _best_effort(fn: Callable[[], None]) -> None:
+    """Run `fn`, ignoring an OSError (e.g. the full disk that is the reason we are failing)."""
+    try:
+        fn()
+    except OSError:
+        pass
 
 
 def _finite(x: float) -> float | None:
