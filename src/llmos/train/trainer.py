@@ -776,114 +776,123 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     state = "running"
     wrapped.train()
     write_progress(state, start, 0.0)
-    done = start
-    try:
-        with progress, StopSignals() as stop:
-            progress.update(task, completed=start)
-            step = start
-            for step in range(start, total_steps):
-                lr = get_lr(step, c)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+    stop = StopSignals()  # also while the final checkpoint is written: a signal then waits for it
+    with stop:
+        done = start
+        try:
+            with progress:
+                progress.update(task, completed=start)
+                step = start
+                for step in range(start, total_steps):
+                    lr = get_lr(step, c)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
 
-                counted = sampler.global_targets(step, c.grad_accum)  # the loss is the mean over these tokens
-                loss_sum = 0.0
-                for micro in range(c.grad_accum):
-                    batch = sampler.batch(step, micro)
-                    x, y = batch.inputs.to(info.device), batch.targets.to(info.device)
-                    with _grad_sync(wrapped, micro == c.grad_accum - 1):
-                        with autocast:
-                            logits = forward(x)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                               reduction="sum")
-                        (loss * (info.world_size / max(1, counted))).backward()  # DDP/FSDP average over ranks
-                    loss_sum += loss.item()
-                if c.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    counted = sampler.global_targets(step, c.grad_accum)  # the loss is the mean over these tokens
+                    loss_sum = 0.0
+                    for micro in range(c.grad_accum):
+                        batch = sampler.batch(step, micro)
+                        x, y = batch.inputs.to(info.device), batch.targets.to(info.device)
+                        with _grad_sync(wrapped, micro == c.grad_accum - 1):
+                            with autocast:
+                                logits = forward(x)
+                            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                                   reduction="sum")
+                            (loss * (info.world_size / max(1, counted))).backward()  # DDP/FSDP average over ranks
+                        loss_sum += loss.item()
+                    if c.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), c.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-                total, stops = D.all_reduce_sum([loss_sum, float(stop.requested is not None)], info)
-                train_loss = total / max(1, counted)
-                if not math.isfinite(train_loss):
-                    raise TrainingDivergedError(
-                        f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
-                        f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
-                        "--grad-clip on, and start again.")
-                tokens_seen += c.tokens_per_step
-                session_tokens += c.tokens_per_step
-                elapsed = time.perf_counter() - t0
-                tokens_per_s = session_tokens / elapsed
-                mfu = fpt * tokens_per_s / peak
-                progress.update(task, completed=step + 1, loss=train_loss, tps=tokens_per_s, mfu=100 * mfu)
-                done = step + 1
-                last = done == total_steps
-                stopping = stops > 0
-                if done % c.log_interval == 0 or last or stopping:
-                    log({"step": done, "tokens": tokens_seen, "lr": lr, "train_loss": train_loss,
-                         "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 2),
-                         "mfu": round(mfu, 4)})
-                    write_progress(state, done, tokens_per_s)
-                evaluated = False
-                if val_sampler is not None and (done % c.eval_interval == 0 or last):
-                    val_loss = estimate_val_loss(forward, val_sampler, c, autocast, info)
-                    evaluated = True
-                    log({"step": done, "tokens": tokens_seen, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                         "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)})
-                    say(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                        f"val ppl {math.exp(val_loss):.2f}, {tokens_per_s:,.0f} tokens/s")
-                    if best_val is None or val_loss < best_val:
-                        best_val = val_loss
-                        full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
+                    total, stops = D.all_reduce_sum([loss_sum, float(stop.requested is not None)], info)
+                    train_loss = total / max(1, counted)
+                    if not math.isfinite(train_loss):
+                        raise TrainingDivergedError(
+                            f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
+                            f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
+                            "--grad-clip on, and start again.")
+                    tokens_seen += c.tokens_per_step
+                    session_tokens += c.tokens_per_step
+                    elapsed = time.perf_counter() - t0
+                    tokens_per_s = session_tokens / elapsed
+                    mfu = fpt * tokens_per_s / peak
+                    progress.update(task, completed=step + 1, loss=train_loss, tps=tokens_per_s, mfu=100 * mfu)
+                    done = step + 1
+                    last = done == total_steps
+                    stopping = stops > 0
+                    if done % c.log_interval == 0 or last or stopping:
+                        log({"step": done, "tokens": tokens_seen, "lr": lr, "train_loss": train_loss,
+                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 2),
+                             "mfu": round(mfu, 4)})
+                        write_progress(state, done, tokens_per_s)
+                        if not progress.console.is_terminal:  # a log file (`llmos logs JOB`): a plain line instead
+                            say(f"step {done}/{total_steps}: train loss {train_loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+                                f"MFU {100 * mfu:.1f}%")
+                    evaluated = False
+                    if val_sampler is not None and (done % c.eval_interval == 0 or last):
+                        val_loss = estimate_val_loss(forward, val_sampler, c, autocast, info)
+                        evaluated = True
+                        log({"step": done, "tokens": tokens_seen, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                             "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)})
+                        say(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                            f"val ppl {math.exp(val_loss):.2f}, {tokens_per_s:,.0f} tokens/s")
+                        if best_val is None or val_loss < best_val:
+                            best_val = val_loss
+                            full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
+                            if info.is_main:
+                                plain = _plain_model(c, data, mconfig, model, full, wrapped)
+                                note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+                                write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data,
+                                                 generation, lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
+                            D.barrier(info)
                         if info.is_main:
-                            plain = _plain_model(c, data, mconfig, model, full, wrapped)
-                            note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
-                            write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data,
-                                             generation, lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
-                        D.barrier(info)
-                    if info.is_main:
-                        plot_losses(metrics_file, out / "loss.png")
-                if evaluated or last or stopping or (c.save_interval and done % c.save_interval == 0):
-                    save_last(done)
-                    write_progress(state, done, tokens_per_s)
-                if stopping and not last:
-                    state = "suspended"
-                    break
-    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints/last holds the last saved step
-        _best_effort(lambda: write_progress("suspended", done, tokens_per_s))
-        raise
-    except BaseException:
-        _best_effort(lambda: write_progress("failed", done, tokens_per_s))
-        raise
-    finally:
-        if metrics is not None:
-            metrics.close()
-    train_seconds = elapsed_before + time.perf_counter() - t0
-    summary = {"state": "finished" if state == "running" else state, "steps": step + 1 if total_steps > start else start,
-               "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
-               "train_loss": _finite(train_loss), "val_loss": val_loss,
-               "val_perplexity": None if val_loss is None else math.exp(val_loss), "best_val_loss": best_val,
-               "parameters": num_params, "vocab_size": data.vocab_size,
-               "data_tokens": sum(s["tokens"] for split in data.manifest["splits"].values() for s in split),
-               "train_tokens": len(data.train), "val_tokens": 0 if data.val is None else len(data.val),
-               "out_dir": str(out)}
-    if state == "suspended":
-        write_progress("suspended", summary["steps"], tokens_per_s)
-        say(f"suspended at step {summary['steps']} of {total_steps}; continue with "
-            f"`llmos train --out {out} --resume`")
-        return summary
+                            plot_losses(metrics_file, out / "loss.png")
+                    if evaluated or last or stopping or (c.save_interval and done % c.save_interval == 0):
+                        save_last(done)
+                        write_progress(state, done, tokens_per_s)
+                    if stopping and not last:
+                        state = "suspended"
+                        break
+        except KeyboardInterrupt:  # a second Ctrl-C: checkpoints/last holds the last saved step
+            _best_effort(lambda: write_progress("suspended", done, tokens_per_s))
+            raise
+        except BaseException:
+            _best_effort(lambda: write_progress("failed", done, tokens_per_s))
+            raise
+        finally:
+            if metrics is not None:
+                metrics.close()
+        train_seconds = elapsed_before + time.perf_counter() - t0
+        summary = {"state": "finished" if state == "running" else state, "steps": step + 1 if total_steps > start else start,
+                   "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
+                   "train_loss": _finite(train_loss), "val_loss": val_loss,
+                   "val_perplexity": None if val_loss is None else math.exp(val_loss), "best_val_loss": best_val,
+                   "parameters": num_params, "vocab_size": data.vocab_size,
+                   "data_tokens": sum(s["tokens"] for split in data.manifest["splits"].values() for s in split),
+                   "train_tokens": len(data.train), "val_tokens": 0 if data.val is None else len(data.val),
+                   "out_dir": str(out)}
+        if state == "suspended":
+            write_progress("suspended", summary["steps"], tokens_per_s)
+            say(f"suspended at step {summary['steps']} of {total_steps}; continue with "
+                f"`llmos train --out {out} --resume`")
+            return summary
 
-    # ---- the final checkpoint: Hugging Face weights at the top of the run directory -------------------------
-    full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
-    if info.is_main:
-        write_progress("finished", total_steps, tokens_per_s)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_losses(metrics_file, out / "loss.png")
-        plain = _plain_model(c, data, mconfig, model, full, wrapped)
-        _finish(out, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data, generation)
-        say(f"saved {out} ({train_seconds:.0f} s, {tokens_seen:,} tokens)")
-    D.barrier(info)
-    return summary
+        # ---- the final checkpoint: Hugging Face weights at the top of the run directory -------------------------
+        full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
+        if info.is_main:
+            try:
+                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                plot_losses(metrics_file, out / "loss.png")
+                plain = _plain_model(c, data, mconfig, model, full, wrapped)
+                _finish(out, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data, generation)
+            except BaseException:
+                _best_effort(lambda: write_progress("failed", total_steps, tokens_per_s))
+                raise
+            write_progress("finished", total_steps, tokens_per_s)
+            say(f"saved {out} ({train_seconds:.0f} s, {tokens_seen:,} tokens)")
+        D.barrier(info)
+        return summary
 
 
 def _best_effort(fn: Callable[[], None]) -> None:
