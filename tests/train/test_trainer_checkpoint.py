@@ -244,7 +244,7 @@ def test_nproc_relaunches_under_torchrun(tmp_path, text, monkeypatch):
 
     launched = []
 
-    def launch(nproc, args):
+    def launch(nproc, args, progress_file=None):
         import yaml
 
         launched.append((nproc, yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())))

@@ -97,3 +97,33 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process(tmp_path):
     ours, theirs = rows(tmp_path / "run", "train_loss"), rows(tmp_path / "single", "train_loss")
     assert [s for s, _ in ours] == list(range(1, 301))
     assert_same_curve(ours, theirs)
+
+
+def test_sigusr1_to_the_launchers_group_suspends_two_ranks_and_resume_finishes(tmp_path):
+    """What the daemon's suspend does: SIGUSR1 to the process group of `llmos train --nproc 2`. The launcher
+    passes it to torchrun as SIGTERM, the ranks agree on a step, checkpoint and exit; the launcher exits 0.
+    `llmos train --out RUN --resume` (the run's own config, 2 ranks again) then finishes the curve."""
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    long = dict(max_steps=300, save_interval=3, eval_interval=150)
+    proc = torchrun(tmp_path, settings(tmp_path, "run", **long))
+    state = tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.is_file() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["state"] == "suspended" and 3 <= progress["step"] < 300, progress
+    assert json.loads(state.read_text())["step"] == progress["step"]
+
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "llmos.cli.train_cmd", "--out", str(tmp_path / "run"), "--resume",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["state"] == "finished"
+    train(TrainConfig(**settings(tmp_path, "single", **long)))
+    ours = rows(tmp_path / "run", "train_loss")
+    assert [s for s, _ in ours] == list(range(1, 301))
+    assert_same_curve(ours, rows(tmp_path / "single", "train_loss"))

@@ -110,7 +110,8 @@ def train_command(
         try:
             save_config(resolved, tmp / "config.yaml")
             status = distributed.launch(resolved.nproc, ["--config", str(tmp / "config.yaml")]
-                                        + (["--quiet"] if quiet else []))
+                                        + (["--quiet"] if quiet else []),
+                                        progress_file=Path(resolved.out_dir) / "progress.json")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if status:

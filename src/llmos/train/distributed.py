@@ -173,16 +173,51 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                              options=StateDictOptions(full_state_dict=True))
 
 
-def launch(nproc: int, args: list[str]) -> int:
+def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None = None) -> int:
     """Run `python -m torch.distributed.run --nproc-per-node N --standalone -m llmos.cli.train_cmd ARGS`
-    and wait for it; returns its exit status. The multi-node form is in docs/train/trainer.md."""
+    and wait for it; returns its exit status (0 when a stop signal suspended the run). The multi-node form
+    is in docs/train/trainer.md.
+
+    Signals: torchrun runs in its own session, so a signal to this process's group (Ctrl-C in a terminal,
+    the daemon's suspend) reaches only this launcher, which turns SIGUSR1/SIGTERM/SIGINT into one SIGTERM
+    for torchrun; torchrun passes it to the ranks, which checkpoint and stop (TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    default here 600 s, bounds the wait). On Linux torchrun dies with this launcher and the ranks with
+    torchrun, so a SIGKILL to the group ends them all.
+    """
+    import json
+    import signal
+
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
                "-m", "llmos.cli.train_cmd", *args]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(command, env=env)
-    while True:
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    proc = subprocess.Popen(command, env=env, start_new_session=True,
+                            preexec_fn=_pdeathsig_kill if sys.platform.startswith("linux") else None)
+    stopped: list[int] = []
+
+    def forward(signum, frame) -> None:
+        if not stopped:
+            proc.send_signal(signal.SIGTERM)
+        stopped.append(signum)
+
+    signals = [s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None]
+    previous = {s: signal.signal(s, forward) for s in signals}
+    try:
+        status = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped and progress_file is not None:
         try:
-            return proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the ranks too: they checkpoint and stop; wait for them
-            continue
+            if json.loads(open(progress_file).read()).get("state") == "suspended":
+                return 0
+        except (OSError, ValueError):
+            pass
+    return status
+
+
+def _pdeathsig_kill() -> None:  # in the child, before exec: SIGKILL it when the launcher dies
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
