@@ -66,9 +66,11 @@ def train_command(
 ) -> None:
     """Train a language model (llama, gpt2 or lstm) from text, or continue / fine-tune a checkpoint.
 
-    Settings come from --config FILE, then --set key=value, then the flags. The run directory (--out)
-    holds config.yaml, metrics.jsonl, progress.json, loss.png, checkpoints/last and best, and at the
-    end the Hugging Face checkpoint. SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop; --resume continues.
+    Settings: --config FILE (YAML or TOML), then --set key=value, then the flags; later ones win.
+
+    The run directory (--out) gets config.yaml, metrics.jsonl, progress.json, loss.png, checkpoints/.
+
+    SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop the run; --resume continues it exactly.
     """
     from llmos.train import distributed
     from llmos.train.config import load_config, save_config
