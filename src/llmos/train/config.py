@@ -7,8 +7,12 @@ Never trains, never reads training data and never touches a model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import sys
+import tempfile
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,7 +240,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
         return any(_type_ok(value, a) for a in args)
     if hint is type(None):
         return value is None
@@ -280,7 +284,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         elif suffix in (".yaml", ".yml", ".json"):
             d = yaml.safe_load(text)
         else:
-            raise InvalidRequestError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml, .json or .toml.")
+            raise InvalidRequestError(f"config file {path}: unknown format {suffix!r}; "
+                                      "use .yaml, .yml, .json or .toml.")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
         raise InvalidRequestError(f"config file {path} could not be read: {e}".rstrip(".") + ".") from None
     if d is None:
@@ -330,8 +335,6 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), **flags:
 
 def checkpoint_arch(path: str | Path) -> str | None:
     """The `arch` ("llama", "gpt2", "lstm") of the checkpoint at `path`, or None if its config.json is unreadable."""
-    import json
-
     try:
         model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
@@ -347,9 +350,6 @@ def checkpoint_arch(path: str | Path) -> str | None:
 
 def save_config(c: TrainConfig, path: str | Path) -> None:
     """Write `c` as YAML to `path` atomically (temporary file, then rename)."""
-    import os
-    import tempfile
-
     path = Path(path)
     text = "# the resolved training configuration (llmos train --config this-file reproduces the run)\n"
     text += yaml.safe_dump(c.to_dict(), sort_keys=False, allow_unicode=True)

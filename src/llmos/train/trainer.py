@@ -388,7 +388,8 @@ def trainer_state(optimizer_state: dict, trainable: dict[str, torch.Tensor] | No
     for name, st in optimizer_state["state"].items():
         for key, value in st.items():
             tensors[f"optimizer/{name}/{key}"] = value.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optimizer_state["param_groups"]]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in optimizer_state["param_groups"]]
     for name, value in (trainable or {}).items():
         tensors[f"model/{name}"] = value.detach().cpu().contiguous()
     rng_meta, rng_tensors = _rng_state()
@@ -403,7 +404,8 @@ def read_trainer_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "trainer_state.safetensors"))
     except (OSError, ValueError) as e:
-        raise InvalidRequestError(f"{path} is not a resumable checkpoint ({e}); start a new run without --resume.") from None
+        raise InvalidRequestError(f"{path} is not a resumable checkpoint ({e}); start a new run without "
+                                  "--resume.") from None
     if meta.get("format") != STATE_FORMAT:
         raise InvalidRequestError(f"{path}/trainer_state.json has format {meta.get('format')!r}, not {STATE_FORMAT}.")
     return meta, tensors
@@ -508,7 +510,9 @@ def flops_per_token(mconfig: ModelConfig, num_params: int, seq_len: int) -> floa
     """Training FLOPs per token: 6 N (forward 2N, backward 4N; Kaplan et al. 2020) plus, for attention,
     12 * layers * hidden * seq_len (QK^T and AV, forward and backward; PaLM, Chowdhery et al. 2022, app. B).
     N counts every parameter once (tied embeddings once), as nanoGPT does."""
-    attention = 0 if mconfig.model_type == "lstm" else 12 * mconfig.num_layers * mconfig.num_heads * mconfig.head_dim * seq_len
+    if mconfig.model_type == "lstm":
+        return 6.0 * num_params
+    attention = 12 * mconfig.num_layers * mconfig.num_heads * mconfig.head_dim * seq_len
     return 6.0 * num_params + attention
 
 
@@ -680,8 +684,9 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         if c.lora_rank > 0:  # the adapters live in the trainer state; the base weights come from init_from
             adapters = {n[len("model/"):]: t for n, t in state_tensors.items() if n.startswith("model/")}
             if set(adapters) != set(trainable_names):
-                raise InvalidRequestError(f"{last_dir} holds adapters for {sorted(adapters)[:3]}..., but this model "
-                                          f"trains {sorted(trainable_names)[:3]}...; resume with the run's own settings.")
+                raise InvalidRequestError(
+                    f"{last_dir} holds adapters for {sorted(adapters)[:3]}..., but this model trains "
+                    f"{sorted(trainable_names)[:3]}...; resume with the run's own settings.")
             model.load_state_dict(adapters, strict=False)
         else:
             saved, _ = load_model(last_dir)
@@ -740,8 +745,9 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         eta = (total_steps - step) * c.tokens_per_step / tokens_per_s if tokens_per_s > 0 else None
         _atomic_write(out / "progress.json", json.dumps({
             "step": step, "total_steps": total_steps, "tokens": tokens_seen, "train_loss": _finite(train_loss),
-            "val_loss": val_loss, "tokens_per_s": round(tokens_per_s, 1), "eta_s": None if eta is None else round(eta, 1),
-            "state": state, "mfu": round(fpt * tokens_per_s / peak, 4), "pid": os.getpid(), "time": time.time()}) + "\n")
+            "val_loss": val_loss, "tokens_per_s": round(tokens_per_s, 1),
+            "eta_s": None if eta is None else round(eta, 1), "state": state,
+            "mfu": round(fpt * tokens_per_s / peak, 4), "pid": os.getpid(), "time": time.time()}) + "\n")
 
     def save_last(step: int) -> None:
         """checkpoints/last after `step` completed steps (collective: every rank gathers its shard)."""
@@ -827,13 +833,14 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                              "mfu": round(mfu, 4)})
                         write_progress(state, done, tokens_per_s)
                         if not progress.console.is_terminal:  # a log file (`llmos logs JOB`): a plain line instead
-                            say(f"step {done}/{total_steps}: train loss {train_loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
-                                f"MFU {100 * mfu:.1f}%")
+                            say(f"step {done}/{total_steps}: train loss {train_loss:.4f}, "
+                                f"{tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%")
                     evaluated = False
                     if val_sampler is not None and (done % c.eval_interval == 0 or last):
                         val_loss = estimate_val_loss(forward, val_sampler, c, autocast, info)
                         evaluated = True
-                        log({"step": done, "tokens": tokens_seen, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                        log({"step": done, "tokens": tokens_seen, "val_loss": val_loss,
+                             "val_perplexity": math.exp(val_loss),
                              "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)})
                         say(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                             f"val ppl {math.exp(val_loss):.2f}, {tokens_per_s:,.0f} tokens/s")
@@ -843,8 +850,9 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                             if info.is_main:
                                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
                                 note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
-                                write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data,
-                                                 generation, lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
+                                write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype],
+                                                 data, generation,
+                                                 lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
                             D.barrier(info)
                         if info.is_main:
                             plot_losses(metrics_file, out / "loss.png")
@@ -864,7 +872,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             if metrics is not None:
                 metrics.close()
         train_seconds = elapsed_before + time.perf_counter() - t0
-        summary = {"state": "finished" if state == "running" else state, "steps": step + 1 if total_steps > start else start,
+        summary = {"state": "finished" if state == "running" else state, "steps": done,
                    "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
                    "train_loss": _finite(train_loss), "val_loss": val_loss,
                    "val_perplexity": None if val_loss is None else math.exp(val_loss), "best_val_loss": best_val,
