@@ -321,3 +321,34 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path, text):
     a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert a != b  # autocast really ran in bf16
     assert all(abs(x - y) < 0.02 * x for x, y in zip(a, b))
+
+
+def test_lora_with_peft_resumes_exactly_and_saves_the_adapter(tmp_path, text, monkeypatch):
+    """The real LoRA (llmos.train.finetune, issue 5's finetune part, through peft): a run stopped by a failed
+    checkpoint and resumed logs the uninterrupted run's losses; lora_merge: false also writes adapter/."""
+    pytest.importorskip("peft")
+    pytest.importorskip("llmos.train.finetune")
+    import llmos.model.loader as loader
+
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    lora = dict(init_from=str(ckpt), arch="gpt2", lora_rank=4, lora_merge=False, lr=1e-2, eval_interval=3)
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # last at step 2, best at step 3, then last at step 3 fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path, **lora))
+    monkeypatch.setattr(loader, "save_file", real)
+    train(tiny(tmp_path, resume=True, **lora))
+    train(tiny(tmp_path, "reference", **lora))
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    merged, _ = load_model(tmp_path / "run")
+    base, _ = load_model(ckpt)
+    assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(merged.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)

@@ -55,7 +55,8 @@ from llmos.train.loader import IGNORE_INDEX, VAL_STREAM, ArraySplit, BatchSample
 __all__ = ["TrainConfig", "train", "get_lr", "make_optimizer", "model_config_for", "CheckpointWriteError"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "checkpoints",
+             "adapter")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 STATE_FORMAT = "llmos-trainer-state/1"
 # Settings a resumed run may change: they do not touch the weights, the batches or the schedule.
@@ -318,11 +319,14 @@ def make_model(c: TrainConfig, data: RunData) -> tuple[torch.nn.Module, ModelCon
     return model.train(), mconfig
 
 
-def _exportable(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """A plain llmos model to write in Hugging Face format: a LoRA model merged on a copy (never in place)."""
-    if c.lora_rank > 0:
-        return _finetune().finalize_model(c, copy.deepcopy(model))
-    return model
+def _exportable(c: TrainConfig, model: torch.nn.Module, adapter_dir: Path | None = None) -> torch.nn.Module:
+    """A plain llmos model to write in Hugging Face format: a LoRA model merged on a copy (never in place, so
+    training goes on bit for bit). With `lora_merge: false` and `adapter_dir`, the adapter is saved there too."""
+    if c.lora_rank <= 0:
+        return model
+    if adapter_dir is not None and not c.lora_merge:
+        return _finetune().finalize_model(c, copy.deepcopy(model), adapter_dir=adapter_dir)
+    return _finetune().finalize_model(c, copy.deepcopy(model))
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -678,6 +682,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     # ---- model, optimizer, and the resumed state ----------------------------------------------------------
     random.seed(c.seed)
     np.random.seed(c.seed)
+    torch.manual_seed(c.seed)  # also for what init_from does not fix: LoRA's A matrices, a new head
     model, mconfig = make_model(c, data)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if state_meta is not None:
@@ -893,7 +898,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
                 plot_losses(metrics_file, out / "loss.png")
                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
-                _finish(out, _exportable(c, plain), mconfig, DTYPES[c.save_dtype], data, generation)
+                _finish(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data, generation)
             except BaseException:
                 _best_effort(lambda: write_progress("failed", total_steps, tokens_per_s))
                 raise
