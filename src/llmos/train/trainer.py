@@ -9,7 +9,7 @@ Run directory (`out_dir`), written by rank 0 only:
 
     config.yaml      the resolved TrainConfig            metrics.jsonl  train and evaluation rows
     progress.json    rewritten atomically                loss.png       rewritten at every evaluation
-    data/            tokenizer + token streams           checkpoints/last, checkpoints/best
+    data/            token shards (llmos.train.shards)   checkpoints/tokenizer, checkpoints/last, checkpoints/best
     + at the end: the final Hugging Face checkpoint (config.json, model.safetensors, tokenizer, ...) and summary.json
 
 Exact resume: a batch is a pure function of (seed, step, micro-step) (loader.py), the learning rate a
@@ -39,14 +39,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import DataError, InvalidRequestError, LlmosError, TrainingDivergedError
 from llmos.model.config import ModelConfig
-from llmos.model.loader import check_checkpoint_target, load_generation_config, load_model, save_model
+from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
 from llmos.train import distributed as D
+from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, CheckpointWriteError, atomic_write, check_out_dir,
+                                    check_resume_config, finish_run, optimizer_state_from, read_trainer_state,
+                                    set_rng_state, trainer_state, write_checkpoint)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
 from llmos.train.data import pack_documents, read_documents, split_train_val
@@ -55,19 +58,6 @@ from llmos.train.loader import IGNORE_INDEX, VAL_STREAM, ArraySplit, BatchSample
 __all__ = ["TrainConfig", "train", "get_lr", "make_optimizer", "model_config_for", "CheckpointWriteError"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "checkpoints",
-             "adapter")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-STATE_FORMAT = "llmos-trainer-state/1"
-# Settings a resumed run may change: they do not touch the weights, the batches or the schedule.
-RESUME_FREE = {"data", "out_dir", "resume", "progress", "num_threads", "compile", "nproc", "dist", "device",
-               "eval_interval", "log_interval", "save_interval", "tokenizer"}
-
-
-class CheckpointWriteError(LlmosError):
-    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
-
-
 # ---- schedule and optimizer -------------------------------------------------------------------------
 
 
@@ -329,155 +319,6 @@ def _exportable(c: TrainConfig, model: torch.nn.Module, adapter_dir: Path | None
     return _finetune().finalize_model(c, copy.deepcopy(model))
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------
-
-
-class _DirExtras:
-    """What `save_model` writes beside the weights, before its atomic rename: tokenizer files and `extra(dir)`."""
-
-    def __init__(self, tokenizer_dir: Path, extra: Callable[[Path], None] | None = None) -> None:
-        self.tokenizer_dir, self.extra = tokenizer_dir, extra
-
-    def save(self, path: Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (self.tokenizer_dir / name).is_file():
-                shutil.copy2(self.tokenizer_dir / name, Path(path) / name)
-        if self.extra is not None:
-            self.extra(Path(path))
-
-
-def write_checkpoint(path: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, data: RunData,
-                     generation: dict, extra: Callable[[Path], None] | None = None) -> None:
-    """Write a Hugging Face checkpoint (+ `extra` files) to `path` atomically: a temporary directory beside it
-    is renamed into place, so a failure leaves the previous checkpoint whole. Raises `CheckpointWriteError`."""
-    try:
-        save_model(model, mconfig, path, dtype=dtype, tokenizer=_DirExtras(data.dir, extra),
-                   generation_config=generation)
-    except OSError as e:
-        raise CheckpointWriteError(
-            f"could not write the checkpoint {path}: {e.strerror or e}. The previous checkpoint there is intact; "
-            f"free disk space (or fix the permissions) and continue with `llmos train --out {path.parent.parent} "
-            "--resume`.") from None
-
-
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    py = random.getstate()
-    tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    meta = {"numpy": {"kind": kind, "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
-            "python": [py[0], list(py[1]), py[2]]}
-    return meta, tensors
-
-
-def _set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["rng/numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def trainer_state(optimizer_state: dict, trainable: dict[str, torch.Tensor] | None, scalars: dict
-                  ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(trainer_state.json, trainer_state.safetensors) of a resumable checkpoint. Optimizer tensors are
-    keyed `optimizer/<param name>/<key>` (names, not indices: any number of ranks reads them back)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, st in optimizer_state["state"].items():
-        for key, value in st.items():
-            tensors[f"optimizer/{name}/{key}"] = value.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-              for g in optimizer_state["param_groups"]]
-    for name, value in (trainable or {}).items():
-        tensors[f"model/{name}"] = value.detach().cpu().contiguous()
-    rng_meta, rng_tensors = _rng_state()
-    tensors.update(rng_tensors)
-    meta = {"format": STATE_FORMAT, **scalars, "optimizer_param_groups": groups, "rng": rng_meta}
-    return meta, tensors
-
-
-def read_trainer_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON scalars and the tensors of `path/trainer_state.*`. Raises `InvalidRequestError` if unreadable."""
-    try:
-        meta = json.loads((path / "trainer_state.json").read_text())
-        tensors = load_file(str(path / "trainer_state.safetensors"))
-    except (OSError, ValueError) as e:
-        raise InvalidRequestError(f"{path} is not a resumable checkpoint ({e}); start a new run without "
-                                  "--resume.") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise InvalidRequestError(f"{path}/trainer_state.json has format {meta.get('format')!r}, not {STATE_FORMAT}.")
-    return meta, tensors
-
-
-def optimizer_state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            name, _, k = key[len("optimizer/"):].rpartition("/")
-            state.setdefault(name, {})[k] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["optimizer_param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-# ---- the run directory ----------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_out_dir(c: TrainConfig) -> Path:
-    """Where this run may live, as an absolute path; raises before any work is done.
-
-    Resume: `out/checkpoints/last` must be resumable. A new run: a new path, an empty directory, a finished
-    checkpoint (replaced whole at the end), or the leftovers of a run that never checkpointed; an unfinished
-    run is never overwritten (resume it, or choose another --out). Other directories are refused
-    (`check_checkpoint_target`)."""
-    out = Path(c.out_dir).expanduser().absolute()
-    last = out / "checkpoints" / "last"
-    if c.resume:
-        if not (last / "trainer_state.json").is_file():
-            raise InvalidRequestError(f"nothing to resume: {last} has no trainer_state.json. Start the run without "
-                                      "--resume (or pass the --out of the run to continue).")
-        return out
-    if (last / "trainer_state.json").is_file() and not (out / "config.json").is_file():
-        step = json.loads((last / "trainer_state.json").read_text()).get("step")
-        raise InvalidRequestError(f"{out} holds an unfinished run (checkpoint at step {step}); continue it with "
-                                  "--resume, or choose another --out (or delete it) to start over.")
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if names and names <= set(RUN_FILES):  # a run that stopped before its first checkpoint
-        cwd = Path.cwd().absolute()
-        if out == cwd or out in cwd.parents or out == Path.home().absolute():
-            raise InvalidRequestError(f"refusing to train into {out}: it is a directory you are using; "
-                                      "choose a new --out.")
-        return out
-    return check_checkpoint_target(out)
-
-
-def check_resume_config(c: TrainConfig, saved: dict) -> None:
-    """A resumed run must be the same run: every setting outside RESUME_FREE equals config.yaml's."""
-    differ = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in c.to_dict().items()
-              if k not in RESUME_FREE and k in saved and saved[k] != v]
-    if differ:
-        raise InvalidRequestError(
-            "--resume continues the same run exactly, but these settings differ from its config.yaml: "
-            + "; ".join(differ) + ". Drop them, or start a new run from the checkpoint with "
-            f"--init-from {Path(c.out_dir) / 'checkpoints' / 'last'}.")
-
-
 def plot_losses(metrics_file: Path, out_png: Path) -> bool:
     """Loss curve PNG from metrics.jsonl, written atomically, if matplotlib is installed (the `train` extra)."""
     try:
@@ -697,7 +538,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             saved, _ = load_model(last_dir)
             model.load_state_dict(saved.state_dict())
             del saved
-        _set_rng_state(state_meta["rng"], state_tensors)
+        set_rng_state(state_meta["rng"], state_tensors)
     num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(info.device)
     wrapped = D.wrap(model, info, c.dist)
@@ -733,7 +574,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     metrics_file = out / "metrics.jsonl"
     if info.is_main:  # a resumed run forgets the rows logged after its checkpoint
         rows = metrics_file.read_text().splitlines() if (c.resume and metrics_file.is_file()) else []
-        _atomic_write(metrics_file, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= start))
+        atomic_write(metrics_file, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= start))
     metrics = metrics_file.open("a") if info.is_main else None
     say(f"model: {mconfig.model_type}, {num_params:,} parameters; {total_steps} steps x {c.tokens_per_step:,} tokens "
         f"= {total_steps * c.tokens_per_step:,} tokens on {info.world_size} x {info.device.type}"
@@ -748,7 +589,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         if not info.is_main:
             return
         eta = (total_steps - step) * c.tokens_per_step / tokens_per_s if tokens_per_s > 0 else None
-        _atomic_write(out / "progress.json", json.dumps({
+        atomic_write(out / "progress.json", json.dumps({
             "step": step, "total_steps": total_steps, "tokens": tokens_seen, "train_loss": _finite(train_loss),
             "val_loss": val_loss, "tokens_per_s": round(tokens_per_s, 1),
             "eta_s": None if eta is None else round(eta, 1), "state": state,
@@ -776,7 +617,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             (d / "trainer_state.json").write_text(json.dumps(meta) + "\n")
 
         try:
-            write_checkpoint(last_dir, _exportable(c, plain), mconfig, torch.float32, data, generation, extra)
+            write_checkpoint(last_dir, _exportable(c, plain), mconfig, torch.float32, data.dir, generation, extra)
         finally:
             D.barrier(info)
 
@@ -856,7 +697,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
                                 note = {"step": done, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
                                 write_checkpoint(best_dir, _exportable(c, plain), mconfig, DTYPES[c.save_dtype],
-                                                 data, generation,
+                                                 data.dir, generation,
                                                  lambda d: (d / "eval.json").write_text(json.dumps(note) + "\n"))
                             D.barrier(info)
                         if info.is_main:
@@ -898,7 +739,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
                 plot_losses(metrics_file, out / "loss.png")
                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
-                _finish(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data, generation)
+                finish_run(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data.dir,
+                           generation)
             except BaseException:
                 _best_effort(lambda: write_progress("failed", total_steps, tokens_per_s))
                 raise
@@ -941,25 +783,6 @@ def _plain_model(c: TrainConfig, data: RunData, mconfig: ModelConfig, model: tor
         fresh = make_model(c, data)[0] if c.lora_rank > 0 else build_model(mconfig)
     fresh.load_state_dict(full)
     return fresh
-
-
-def _finish(out: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, data: RunData,
-            generation: dict) -> None:
-    """Write the final checkpoint beside `out`, move the run's files into it, and swap it in for `out` whole."""
-    final = out.parent / f".{out.name}.final-{os.getpid()}"
-    shutil.rmtree(final, ignore_errors=True)
-    write_checkpoint(final, model, mconfig, dtype, data, generation)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            os.replace(out / name, final / name)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
-    try:
-        os.replace(final, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
