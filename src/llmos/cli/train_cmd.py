@@ -122,6 +122,12 @@ def train_command(
 
     from llmos.train.trainer import train
 
+    try:  # a training process keeps its large tensors' pages between steps (see llmos.train.fast)
+        from llmos.train.fast import tune_allocator
+
+        tune_allocator()
+    except ImportError:
+        pass
     summary = train(resolved)
     if quiet or (distributed.under_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0):
         return

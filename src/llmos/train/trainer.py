@@ -71,13 +71,37 @@ def get_lr(step: int, c: TrainConfig) -> float:
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019): decoupled weight decay on 2-D parameters (matrices, embeddings) only."""
+def make_optimizer(model: torch.nn.Module, c: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019): decoupled weight decay on 2-D parameters (matrices, embeddings) only.
+
+    `fused`: torch's fused kernel (one call updates every parameter; on CPU the default is a Python loop over
+    them), where the device and dtypes allow it; the same update up to rounding.
+    """
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8, fused=True)
+        except (RuntimeError, TypeError):
+            pass
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
+
+
+def fused_loss_module(c: TrainConfig, model: torch.nn.Module, wrapped: torch.nn.Module):
+    """`llmos.train.fast` when this run can use its fused LM head + chunked cross-entropy (same loss up to
+    rounding, without the `[tokens, vocab]` logits): one process (DDP/FSDP hooks run in `forward` only),
+    no LoRA, a model with `hidden_states` and a bias-free head. None otherwise, or where it is not installed."""
+    try:
+        from llmos.train import fast
+    except ImportError:
+        return None
+    head = getattr(model, "lm_head", None)
+    if (wrapped is not model or c.lora_rank > 0 or not hasattr(model, "hidden_states")
+            or not isinstance(head, torch.nn.Linear) or head.bias is not None):
+        return None
+    return fast
 
 
 def model_config_for(c: TrainConfig, vocab_size: int, eot_id: int) -> ModelConfig:
@@ -542,10 +566,13 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(info.device)
     wrapped = D.wrap(model, info, c.dist)
-    optimizer = make_optimizer(wrapped, c)
+    optimizer = make_optimizer(wrapped, c, fused=not info.distributed)
     if state_meta is not None:
         D.load_optimizer_state(wrapped, optimizer, optimizer_state_from(state_meta, state_tensors))
-    forward = torch.compile(wrapped) if c.compile else wrapped
+    fast = fused_loss_module(c, model, wrapped)
+    forward = wrapped
+    if c.compile:  # with the fused loss, only the body (hidden_states) is compiled; the head + loss stay fused
+        forward = fast.compile_model(model) if fast is not None else torch.compile(wrapped)
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and info.device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
     if c.dtype == "bfloat16" and info.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -646,10 +673,12 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                         batch = sampler.batch(step, micro)
                         x, y = batch.inputs.to(info.device), batch.targets.to(info.device)
                         with _grad_sync(wrapped, micro == c.grad_accum - 1):
-                            with autocast:
-                                logits = forward(x)
-                            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                                   reduction="sum")
+                            with autocast:  # loss = the sum over this micro-batch's counted targets
+                                if fast is not None and batch.num_targets:
+                                    loss = fast.causal_lm_loss(model, x, y) * batch.num_targets
+                                else:
+                                    loss = F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten(),
+                                                           ignore_index=IGNORE_INDEX, reduction="sum")
                             (loss * (info.world_size / max(1, counted))).backward()  # DDP/FSDP average over ranks
                         loss_sum += loss.item()
                     if c.grad_clip > 0:
