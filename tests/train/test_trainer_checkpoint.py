@@ -352,3 +352,19 @@ def test_lora_with_peft_resumes_exactly_and_saves_the_adapter(tmp_path, text, mo
     base, _ = load_model(ckpt)
     assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
     assert torch.equal(merged.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_the_fused_head_and_loss_give_the_plain_losses(tmp_path, text, monkeypatch):
+    """With llmos.train.fast (issue 5's bench part) one process trains through the fused LM head + chunked
+    cross-entropy; its losses equal the plain `F.cross_entropy` loop's up to rounding."""
+    pytest.importorskip("llmos.train.fast")
+    from llmos.model.transformer import build_model as build
+
+    model = build(trainer_module.model_config_for(tiny(tmp_path), 300, 0))
+    assert trainer_module.fused_loss_module(tiny(tmp_path), model, distributed=False) is not None
+    assert trainer_module.fused_loss_module(tiny(tmp_path), model, distributed=True) is None
+    train(tiny(tmp_path, "fused", max_steps=4))
+    monkeypatch.setattr(trainer_module, "fused_loss_module", lambda *args, **kwargs: None)
+    train(tiny(tmp_path, "plain", max_steps=4))
+    fused, plain = losses(tmp_path / "fused"), losses(tmp_path / "plain")
+    assert len(fused) == 4 and all(abs(a - b) <= 1e-5 * b for a, b in zip(fused, plain))

@@ -89,16 +89,16 @@ def make_optimizer(model: torch.nn.Module, c: TrainConfig, fused: bool = False) 
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
 
 
-def fused_loss_module(c: TrainConfig, model: torch.nn.Module, wrapped: torch.nn.Module):
+def fused_loss_module(c: TrainConfig, model: torch.nn.Module, distributed: bool):
     """`llmos.train.fast` when this run can use its fused LM head + chunked cross-entropy (same loss up to
-    rounding, without the `[tokens, vocab]` logits): one process (DDP/FSDP hooks run in `forward` only),
+    rounding, without the `[tokens, vocab]` logits): one process (DDP's and FSDP's hooks run in `forward` only),
     no LoRA, a model with `hidden_states` and a bias-free head. None otherwise, or where it is not installed."""
     try:
         from llmos.train import fast
     except ImportError:
         return None
     head = getattr(model, "lm_head", None)
-    if (wrapped is not model or c.lora_rank > 0 or not hasattr(model, "hidden_states")
+    if (distributed or c.lora_rank > 0 or not hasattr(model, "hidden_states")
             or not isinstance(head, torch.nn.Linear) or head.bias is not None):
         return None
     return fast
@@ -569,7 +569,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     optimizer = make_optimizer(wrapped, c, fused=not info.distributed)
     if state_meta is not None:
         D.load_optimizer_state(wrapped, optimizer, optimizer_state_from(state_meta, state_tensors))
-    fast = fused_loss_module(c, model, wrapped)
+    fast = fused_loss_module(c, model, info.distributed)
     forward = wrapped
     if c.compile:  # with the fused loss, only the body (hidden_states) is compiled; the head + loss stay fused
         forward = fast.compile_model(model) if fast is not None else torch.compile(wrapped)
