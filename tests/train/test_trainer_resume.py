@@ -115,15 +115,19 @@ def test_resume_refuses_changed_settings_and_missing_state(tmp_path):
         train(TrainConfig(**settings(tmp_path, "run", max_steps=4, lr=1e-2, resume=True)))
 
 
-def test_an_unfinished_run_is_never_overwritten_by_a_new_one(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_unfinished_run_is_never_overwritten_by_a_new_one(tmp_path, signum):
+    """SIGTERM and Ctrl-C (SIGINT) also checkpoint and stop with exit 0; a new run then refuses the directory."""
     from llmos.errors import InvalidRequestError
 
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
     out = tmp_path / "run"
     proc = start(_write(tmp_path, settings(tmp_path, "run", save_interval=2)))
     wait_for_checkpoint(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(timeout=120) == 0
+    assert json.loads((out / "progress.json").read_text())["state"] == "suspended"
+    assert yaml.safe_load((out / "config.yaml").read_text())["resume"] is False
     before = (out / "checkpoints" / "last" / "trainer_state.safetensors").read_bytes()
     with pytest.raises(InvalidRequestError, match="unfinished run.*--resume"):
         train(TrainConfig(**settings(tmp_path, "run")))

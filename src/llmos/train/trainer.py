@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -533,7 +534,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                     shutil.rmtree(p)
             if c.shards_dir:
                 adopt_tokenizer(c, data_dir, tok_dir)
-        save_config(c, out / "config.yaml")
+        save_config(dataclasses.replace(c, resume=False), out / "config.yaml")  # the run, not this invocation
         for need in (data_dir / "manifest.json", tok_dir / "tokenizer.json"):
             if not need.is_file():
                 raise DataError(f"{need} is missing, so the run cannot continue on the same tokens; "
