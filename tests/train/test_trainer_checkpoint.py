@@ -94,6 +94,10 @@ def test_init_from_another_architecture_or_a_longer_context_is_refused(tmp_path,
         train(tiny(tmp_path, init_from=str(ckpt), arch="llama"))
     with pytest.raises(InvalidRequestError, match=r"--seq-len 64 is above the context of .* \(32 tokens\)"):
         train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", seq_len=64))
+    (ckpt / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    with pytest.raises(InvalidRequestError, match="has no tokenizer.json; pass --tokenizer"):
+        train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2"))
+    (tmp_path / "tokenizer.json").rename(ckpt / "tokenizer.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "t.txt"]  # nothing written
     from llmos.train.config import load_config
 

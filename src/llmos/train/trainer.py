@@ -301,6 +301,9 @@ def check_init_from(c: TrainConfig) -> ModelConfig:
         raise InvalidRequestError(
             f"--init-from {c.init_from} is a {found!r} checkpoint but --arch is {c.arch!r}; pass --arch {found} "
             "(or leave --arch out: it then follows the checkpoint).")
+    if c.tokenizer is None and not (Path(c.init_from) / "tokenizer.json").is_file():
+        raise InvalidRequestError(f"--init-from {c.init_from} has no tokenizer.json; pass --tokenizer with the "
+                                  "tokenizer the model was trained with.")
     mconfig = ModelConfig.from_dir(c.init_from)
     if c.seq_len > mconfig.context_length:
         raise InvalidRequestError(
