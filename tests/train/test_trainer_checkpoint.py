@@ -94,6 +94,15 @@ def test_init_from_another_architecture_or_a_longer_context_is_refused(tmp_path,
         train(tiny(tmp_path, init_from=str(ckpt), arch="llama"))
     with pytest.raises(InvalidRequestError, match=r"--seq-len 64 is above the context of .* \(32 tokens\)"):
         train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", seq_len=64))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    from llmos.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="'bert'.*not supported"):
+        train(tiny(tmp_path, init_from=str(bert)))
+    bert.joinpath("config.json").unlink()
+    bert.rmdir()
     (ckpt / "tokenizer.json").rename(tmp_path / "tokenizer.json")
     with pytest.raises(InvalidRequestError, match="has no tokenizer.json; pass --tokenizer"):
         train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2"))

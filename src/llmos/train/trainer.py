@@ -295,7 +295,9 @@ def _finetune():
 
 def check_init_from(c: TrainConfig) -> ModelConfig:
     """The `ModelConfig` of `c.init_from`, checked against the run before any work: the same architecture
-    as `arch`, and a context of at least `seq_len`. Raises `InvalidRequestError`, `ModelLoadError`."""
+    as `arch`, and a context of at least `seq_len`. Raises `InvalidRequestError`, `ModelLoadError` (and
+    `UnsupportedModelError` for an architecture llmos does not run, e.g. a BERT checkpoint)."""
+    mconfig = ModelConfig.from_dir(c.init_from)
     found = checkpoint_arch(c.init_from)
     if found != c.arch:
         raise InvalidRequestError(
@@ -304,7 +306,6 @@ def check_init_from(c: TrainConfig) -> ModelConfig:
     if c.tokenizer is None and not (Path(c.init_from) / "tokenizer.json").is_file():
         raise InvalidRequestError(f"--init-from {c.init_from} has no tokenizer.json; pass --tokenizer with the "
                                   "tokenizer the model was trained with.")
-    mconfig = ModelConfig.from_dir(c.init_from)
     if c.seq_len > mconfig.context_length:
         raise InvalidRequestError(
             f"--seq-len {c.seq_len} is above the context of {c.init_from} ({mconfig.context_length} tokens); "
