@@ -74,6 +74,9 @@ nice -n 10 "$PYTHON" -m llmos.cli.train_cmd \
     --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --weight-decay 0.1 --grad-clip 1.0 \
     --val-fraction 0.05 --eval-interval 50 --eval-steps 10 --log-interval 10 \
     --seed 1337 --save-dtype float32 --threads "$THREADS"
+# The run directory's resumable state (checkpoints/: weights + AdamW moments) and token shards (data/) are not
+# part of the shipped model; config.yaml, metrics.jsonl, loss.png and summary.json stay beside the weights.
+rm -rf "$OUT/checkpoints" "$OUT/data" "$OUT/progress.json"
 cp "$DATA/heldout.txt" "$OUT/heldout.txt"
 fi
 
@@ -85,6 +88,7 @@ import json, os, platform
 from pathlib import Path
 
 import torch
+import yaml
 
 from llmos.model.loader import load_model
 from llmos.model.tokenizer import Tokenizer
@@ -92,7 +96,7 @@ from llmos.train.evaluate import encode_for_eval, perplexity
 
 out = Path(os.environ["OUT"])
 cfg = json.loads((out / "config.json").read_text())
-tc = json.loads((out / "train_config.json").read_text())
+tc = yaml.safe_load((out / "config.yaml").read_text())
 summary = json.loads((out / "summary.json").read_text())
 model, config = load_model(out)
 tokenizer = Tokenizer.from_dir(out)
@@ -169,7 +173,7 @@ on a shared 2-core AMD EPYC virtual machine ({platform.machine()}), {tc["num_thr
 while other jobs ran: {summary["tokens"] / summary["train_seconds"]:,.0f} tokens/s on average (on that machine a
 second torch thread mostly waited for the other jobs, so one thread was faster). Final training loss {summary["train_loss"]:.3f}, validation loss {summary["val_loss"]:.3f}
 (perplexity {summary["val_perplexity"]:.2f}). The curve is `loss.png`; every logged step is in `metrics.jsonl`;
-all settings are in `train_config.json`.
+all settings are in `config.yaml`.
 
 ## Evaluation
 

@@ -50,7 +50,12 @@ def test_checkpoint_files(trained):
     out = config.out_dir
     names = {p.name for p in __import__("pathlib").Path(out).iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "metrics.jsonl", "train_config.json"} <= names
+            "tokenizer_config.json", "metrics.jsonl", "config.yaml", "progress.json", "loss.png", "summary.json",
+            "data", "checkpoints"} <= names
+    assert json.loads(open(f"{out}/progress.json").read())["state"] == "finished"
+    last = __import__("pathlib").Path(out) / "checkpoints" / "last"
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == config.max_steps
+    assert json.loads((__import__("pathlib").Path(out) / "checkpoints" / "best" / "eval.json").read_text())["step"] in (6, 12)
     hf = json.loads(open(f"{out}/config.json").read())
     assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
     assert hf["max_position_embeddings"] == config.seq_len and hf["tie_word_embeddings"] is True
@@ -261,7 +266,9 @@ def test_cli_trains_and_reports_bad_input(tmp_path):
             "--eval-interval", "3", "--eval-steps", "1", "--threads", "1", "--seed", "3", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    saved = json.loads((out / "train_config.json").read_text())
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"] == [str(tmp_path / "t.txt")] * 2 and saved["seed"] == 3 and saved["num_layers"] == 1
     result = CliRunner().invoke(app, args + ["--vocab-size", "10"])
     assert isinstance(result.exception, DataError)

@@ -78,7 +78,7 @@ class LazyCommand(click.Command):
 
 LAZY_COMMANDS = [
     ("train", "llmos.cli.train_cmd", "train_command",
-     "Train a tokenizer and a small Llama-family model on text; write a Hugging Face checkpoint."),
+     "Train, continue or fine-tune a model (llama, gpt2, lstm; --nproc for torchrun); write a Hugging Face checkpoint."),
     ("bench", "llmos.cli.bench_cmd", "bench_command",
      "Benchmark serving throughput and latency: the llmos kernel against transformers."),
     ("sh", "llmos.cli.shell", "sh_command",

@@ -1,79 +1,149 @@
-"""`llmos train`: train a small Llama-family model on text files and write a Hugging Face checkpoint.
+"""`llmos train`: train, continue or fine-tune a model from a config file and flags; write a Hugging Face checkpoint.
 
-Owns the command-line surface of `llmos.train.trainer.train`. Never contains training logic.
-Registered by `llmos.cli.main` as `app.command("train")(train_command)`.
+Owns the command-line surface of `llmos.train.trainer.train`: resolving --config / --set / flags into one
+TrainConfig, `--nproc N` (re-launch under torchrun) and `--detach` (hand the run to the daemon).
+Never contains training logic. Registered by `llmos.cli.main` as a lazy command (`train_command`).
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llmos.errors import LlmosError
-from llmos.train.trainer import TrainConfig, train
+from llmos.errors import InvalidRequestError, LlmosError
+
+Opt = typer.Option
 
 
 def train_command(
-    data: Annotated[list[Path], typer.Option("--data", help="A .txt/.md file or a folder of them (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write: a new path, an empty directory, or a previous checkpoint (replaced atomically).")],
-    tokenizer: Annotated[Optional[Path], typer.Option(
-        "--tokenizer", help="Reuse the tokenizer in this directory instead of training one.")] = None,
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size (>= 257).")] = 8192,
-    hidden_size: Annotated[int, typer.Option("--hidden-size", help="Model width.")] = 256,
-    layers: Annotated[int, typer.Option("--layers", help="Decoder layers.")] = 4,
-    heads: Annotated[int, typer.Option("--heads", help="Attention heads.")] = 8,
-    kv_heads: Annotated[int, typer.Option("--kv-heads", help="Key/value heads (grouped-query attention).")] = 4,
-    intermediate_size: Annotated[int, typer.Option("--intermediate-size", help="SwiGLU hidden width.")] = 768,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training window (= context length).")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = 16,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 1000,
-    max_tokens: Annotated[Optional[int], typer.Option(
-        "--max-tokens", help="Train on this many tokens instead (overrides --max-steps).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
-    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine decay.")] = 1e-4,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps.")] = 100,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay on matrices.")] = 0.1,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0 = off).")] = 1.0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of tokens held out.")] = 0.05,
-    eval_interval: Annotated[int, typer.Option("--eval-interval", help="Steps between validations.")] = 100,
-    eval_steps: Annotated[int, typer.Option("--eval-steps", help="Batches per validation.")] = 20,
-    log_interval: Annotated[int, typer.Option("--log-interval", help="Steps between metrics.jsonl lines.")] = 10,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for weights and batches.")] = 1337,
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")] = "float32",
-    save_dtype: Annotated[str, typer.Option(
-        "--save-dtype", help="Checkpoint weight dtype: float32, bfloat16 or float16.")] = "float32",
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads (0 = all cores).")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
-    detach: Annotated[bool, typer.Option(
-        "--detach", help="Run it as a job on the daemon (LLMOS_HOST); prints its id (`llmos ps` shows it).")] = False,
+    config: Annotated[Optional[Path], Opt("--config", help="A YAML or TOML file of training settings (keys: the TrainConfig fields).")] = None,
+    set_: Annotated[Optional[list[str]], Opt("--set", help="Override one setting: --set key=value (repeatable; value parsed as YAML).")] = None,
+    data: Annotated[Optional[list[Path]], Opt("--data", help="A data file or folder (repeatable).")] = None,
+    out: Annotated[Optional[Path], Opt("--out", help="The run directory; the final checkpoint lands at its top.")] = None,
+    arch: Annotated[Optional[str], Opt("--arch", help="llama, gpt2 or lstm (from scratch; follows --init-from otherwise).")] = None,
+    task: Annotated[Optional[str], Opt("--task", help="lm, sft or classify.")] = None,
+    init_from: Annotated[Optional[Path], Opt("--init-from", help="Start from this checkpoint directory (weights and tokenizer).")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue <out>/checkpoints/last exactly (settings from <out>/config.yaml).")] = False,
+    nproc: Annotated[Optional[int], Opt("--nproc", help="Train with N local processes (launches torchrun).")] = None,
+    dist: Annotated[Optional[str], Opt("--dist", help="ddp or fsdp (with --nproc / torchrun).")] = None,
+    compile_: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.")] = None,
+    detach: Annotated[bool, Opt("--detach", help="Run as a job of the daemon (see `llmos ps`, `llmos logs`).")] = False,
+    tokenizer: Annotated[Optional[Path], Opt("--tokenizer", help="Reuse the tokenizer in this directory instead of training one.")] = None,
+    vocab_size: Annotated[Optional[int], Opt("--vocab-size", help="BPE vocabulary size (>= 257).")] = None,
+    hidden_size: Annotated[Optional[int], Opt("--hidden-size", help="Model width.")] = None,
+    layers: Annotated[Optional[int], Opt("--layers", help="Decoder (or LSTM) layers.")] = None,
+    heads: Annotated[Optional[int], Opt("--heads", help="Attention heads.")] = None,
+    kv_heads: Annotated[Optional[int], Opt("--kv-heads", help="Key/value heads (grouped-query attention).")] = None,
+    intermediate_size: Annotated[Optional[int], Opt("--intermediate-size", help="MLP hidden width.")] = None,
+    seq_len: Annotated[Optional[int], Opt("--seq-len", help="Tokens per training window (<= the model's context).")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Windows per micro-step, all processes together.")] = None,
+    grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-steps per optimizer step.")] = None,
+    max_steps: Annotated[Optional[int], Opt("--max-steps", help="Optimizer steps.")] = None,
+    max_tokens: Annotated[Optional[int], Opt("--max-tokens", help="Train on this many tokens instead (overrides --max-steps).")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate.")] = None,
+    min_lr: Annotated[Optional[float], Opt("--min-lr", help="Learning rate at the end of the cosine decay.")] = None,
+    warmup_steps: Annotated[Optional[int], Opt("--warmup-steps", help="Linear warmup steps.")] = None,
+    weight_decay: Annotated[Optional[float], Opt("--weight-decay", help="AdamW decay on matrices.")] = None,
+    grad_clip: Annotated[Optional[float], Opt("--grad-clip", help="Max gradient norm (0 = off).")] = None,
+    val_fraction: Annotated[Optional[float], Opt("--val-fraction", help="Share of tokens held out.")] = None,
+    eval_interval: Annotated[Optional[int], Opt("--eval-interval", help="Steps between validations.")] = None,
+    eval_steps: Annotated[Optional[int], Opt("--eval-steps", help="Batches per validation.")] = None,
+    log_interval: Annotated[Optional[int], Opt("--log-interval", help="Steps between metrics.jsonl lines.")] = None,
+    save_interval: Annotated[Optional[int], Opt("--save-interval", help="Steps between resumable checkpoints (0 = at evaluations).")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", help="Seed for weights and batches.")] = None,
+    dtype: Annotated[Optional[str], Opt("--dtype", help="Compute dtype: auto, float32 or bfloat16.")] = None,
+    save_dtype: Annotated[Optional[str], Opt("--save-dtype", help="Checkpoint weight dtype: float32, bfloat16 or float16.")] = None,
+    device: Annotated[Optional[str], Opt("--device", help="auto, cpu or cuda.")] = None,
+    threads: Annotated[Optional[int], Opt("--threads", help="CPU threads per process (0 = all cores).")] = None,
+    lora_rank: Annotated[Optional[int], Opt("--lora-rank", help="LoRA rank (0 = full fine-tuning).")] = None,
+    zero_shot: Annotated[Optional[bool], Opt("--zero-shot", help="--task classify: score the labels, no training.")] = None,
+    quiet: Annotated[bool, Opt("--quiet", help="No progress bar or log lines.")] = False,
 ) -> None:
-    """Train a byte-level BPE tokenizer and a Llama-family model on text, and save a Hugging Face checkpoint."""
-    config = TrainConfig(
-        data=[str(p) for p in data], out_dir=str(out), tokenizer=str(tokenizer) if tokenizer else None,
-        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+    """Train a language model (llama, gpt2 or lstm) from text, or continue / fine-tune a checkpoint.
+
+    Settings: --config FILE (YAML or TOML), then --set key=value, then the flags; later ones win.
+
+    The run directory (--out) gets config.yaml, metrics.jsonl, progress.json, loss.png, checkpoints/.
+
+    SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop the run; --resume continues it exactly.
+    """
+    from llmos.train import distributed
+    from llmos.train.config import load_config, save_config
+
+    flags = dict(
+        data=[str(p) for p in data] if data else None, out_dir=str(out) if out else None, arch=arch, task=task,
+        init_from=str(init_from) if init_from else None, resume=True if resume else None, nproc=nproc, dist=dist,
+        compile=compile_, tokenizer=str(tokenizer) if tokenizer else None, vocab_size=vocab_size,
+        hidden_size=hidden_size, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
         intermediate_size=intermediate_size, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
         max_steps=max_steps, max_tokens=max_tokens, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, val_fraction=val_fraction, eval_interval=eval_interval,
-        eval_steps=eval_steps, log_interval=log_interval, seed=seed, dtype=dtype, save_dtype=save_dtype,
-        num_threads=threads, progress=not quiet,
+        eval_steps=eval_steps, log_interval=log_interval, save_interval=save_interval, seed=seed, dtype=dtype,
+        save_dtype=save_dtype, device=device, num_threads=threads, lora_rank=lora_rank, zero_shot=zero_shot,
+        progress=False if quiet else None,
     )
-    if detach:
-        from llmos.cli.jobs_cmd import submit
+    source = config
+    if resume and config is None:  # `llmos train --out RUN --resume`: the run's own settings
+        if out is None:
+            raise InvalidRequestError("--resume needs --out RUN_DIR (or --config with out_dir).")
+        source = out / "config.yaml"
+        if not source.is_file():
+            raise InvalidRequestError(f"nothing to resume: {source} does not exist; pass the --out of an earlier run.")
+    resolved = load_config(source, set_ or [], **flags)
+    if not resolved.data and not resolved.shards_dir and not resolved.resume and not (resolved.task == "classify"):
+        raise InvalidRequestError("no training data given; pass --data FILE_OR_FOLDER (or data: in --config).")
+    resolved.validate()
 
-        return submit(config)
-    summary = train(config)
-    if not quiet:
-        ppl = summary["val_perplexity"]
-        typer.echo(f"wrote {out}: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens, "
+    if detach:
+        try:
+            from llmos.cli.jobs_cmd import submit
+        except ImportError:
+            raise InvalidRequestError("--detach needs the daemon's job support (llmos.cli.jobs_cmd), which this "
+                                      "installation lacks; run without --detach.") from None
+        submit(resolved)
+        return
+    if resolved.nproc > 1 and not distributed.under_torchrun():
+        tmp = Path(tempfile.mkdtemp(prefix="llmos-train-"))
+        try:
+            save_config(resolved, tmp / "config.yaml")
+            status = distributed.launch(resolved.nproc, ["--config", str(tmp / "config.yaml")]
+                                        + (["--quiet"] if quiet else []),
+                                        progress_file=Path(resolved.out_dir) / "progress.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if status:
+            raise typer.Exit(status)
+        return
+
+    from llmos.train.trainer import train
+
+    try:  # a training process keeps its large tensors' pages between steps (see llmos.train.fast)
+        from llmos.train.fast import tune_allocator
+
+        tune_allocator()
+    except ImportError:
+        pass
+    summary = train(resolved)
+    if quiet or (distributed.under_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0):
+        return
+    if summary.get("state") == "suspended":
+        typer.echo(f"suspended {resolved.out_dir} at step {summary['steps']} of {summary['total_steps']}; "
+                   f"continue with: llmos train --out {resolved.out_dir} --resume")
+        return
+    if "parameters" in summary:
+        ppl = summary.get("val_perplexity")
+        typer.echo(f"wrote {resolved.out_dir}: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens, "
                    f"{summary['train_seconds']:.0f} s" + (f", validation perplexity {ppl:.2f}" if ppl else ""))
 
 
 def main() -> None:
-    """`python -m llmos.cli.train_cmd ...` without the rest of the CLI: same options, same exit codes."""
+    """`python -m llmos.cli.train_cmd ...` without the rest of the CLI: same options, same exit codes
+    (0 also when a signal checkpointed and stopped the run; 2 with one `error:` line for a user error)."""
 
     @functools.wraps(train_command)
     def command(**kwargs) -> None:

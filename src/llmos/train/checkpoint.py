@@ -1,0 +1,213 @@
+"""Checkpoints and the run directory: atomic Hugging Face checkpoints with the resumable trainer state,
+reading that state back, the checks that keep a run from overwriting what it must not, and the final swap.
+
+Owns the on-disk format of `checkpoints/last` (trainer_state.json + trainer_state.safetensors) and the
+rule that every write is a temporary directory renamed into place. Never trains and never unpickles:
+tensors go to safetensors, everything else to JSON.
+
+trainer_state.safetensors: `optimizer/<parameter name>/<key>` (AdamW's step, exp_avg, exp_avg_sq; names,
+not indices, so any number of ranks reads them), `rng/torch`, `rng/numpy` (MT19937 keys), `rng/cuda/<i>`,
+and with LoRA `model/<parameter name>` for the trained adapters. trainer_state.json: `format`, `step`
+(completed optimizer steps), `tokens`, `best_val_loss`, `elapsed_s`, `world_size`, the optimizer's
+`optimizer_param_groups`, the Python/numpy RNG scalars under `rng`, and the run's `config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from llmos.errors import InvalidRequestError, LlmosError
+from llmos.model.config import ModelConfig
+from llmos.model.loader import check_checkpoint_target, save_model
+from llmos.train.config import TrainConfig
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "checkpoints",
+             "adapter")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+STATE_FORMAT = "llmos-trainer-state/1"
+# Settings a resumed run may change: they do not touch the weights, the batches or the schedule.
+RESUME_FREE = {"data", "out_dir", "resume", "progress", "num_threads", "compile", "nproc", "dist", "device",
+               "eval_interval", "log_interval", "save_interval", "tokenizer"}
+
+
+class CheckpointWriteError(LlmosError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+class _DirExtras:
+    """What `save_model` writes beside the weights, before its atomic rename: tokenizer files and `extra(dir)`."""
+
+    def __init__(self, tokenizer_dir: Path, extra: Callable[[Path], None] | None = None) -> None:
+        self.tokenizer_dir, self.extra = tokenizer_dir, extra
+
+    def save(self, path: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_dir / name).is_file():
+                shutil.copy2(self.tokenizer_dir / name, Path(path) / name)
+        if self.extra is not None:
+            self.extra(Path(path))
+
+
+def write_checkpoint(path: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype,
+                     tokenizer_dir: Path, generation: dict, extra: Callable[[Path], None] | None = None) -> None:
+    """Write a Hugging Face checkpoint (+ `extra` files) to `path` atomically: a temporary directory beside it
+    is renamed into place, so a failure leaves the previous checkpoint whole. Raises `CheckpointWriteError`."""
+    try:
+        save_model(model, mconfig, path, dtype=dtype, tokenizer=_DirExtras(tokenizer_dir, extra),
+                   generation_config=generation)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {path}: {e.strerror or e}. The previous checkpoint there is intact; "
+            f"free disk space (or fix the permissions) and continue with `llmos train --out {path.parent.parent} "
+            "--resume`.") from None
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """This process's torch, CUDA, numpy and Python RNG states as (JSON scalars, tensors)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    meta = {"numpy": {"kind": kind, "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+            "python": [py[0], list(py[1]), py[2]]}
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` saved (CUDA only on a machine with as many GPUs)."""
+    torch.set_rng_state(tensors["rng/torch"])
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["rng/numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def trainer_state(optimizer_state: dict, trainable: dict[str, torch.Tensor] | None, scalars: dict
+                  ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(trainer_state.json, trainer_state.safetensors) of a resumable checkpoint. Optimizer tensors are
+    keyed `optimizer/<param name>/<key>` (names, not indices: any number of ranks reads them back)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, st in optimizer_state["state"].items():
+        for key, value in st.items():
+            tensors[f"optimizer/{name}/{key}"] = value.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in optimizer_state["param_groups"]]
+    for name, value in (trainable or {}).items():
+        tensors[f"model/{name}"] = value.detach().cpu().contiguous()
+    rng_meta, rng_tensors = rng_state()
+    tensors.update(rng_tensors)
+    meta = {"format": STATE_FORMAT, **scalars, "optimizer_param_groups": groups, "rng": rng_meta}
+    return meta, tensors
+
+
+def read_trainer_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON scalars and the tensors of `path/trainer_state.*`. Raises `InvalidRequestError` if unreadable."""
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "trainer_state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise InvalidRequestError(f"{path} is not a resumable checkpoint ({e}); start a new run without "
+                                  "--resume.") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise InvalidRequestError(f"{path}/trainer_state.json has format {meta.get('format')!r}, not {STATE_FORMAT}.")
+    return meta, tensors
+
+
+def optimizer_state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The name-keyed optimizer state dict (`distributed.load_optimizer_state`) saved by `trainer_state`."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            name, _, k = key[len("optimizer/"):].rpartition("/")
+            state.setdefault(name, {})[k] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["optimizer_param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---- the run directory ----------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file and a rename: readers see the old or the new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_dir(c: TrainConfig) -> Path:
+    """Where this run may live, as an absolute path; raises before any work is done.
+
+    Resume: `out/checkpoints/last` must be resumable. A new run: a new path, an empty directory, a finished
+    checkpoint (replaced whole at the end), or the leftovers of a run that never checkpointed; an unfinished
+    run is never overwritten (resume it, or choose another --out). Other directories are refused
+    (`check_checkpoint_target`)."""
+    out = Path(c.out_dir).expanduser().absolute()
+    last = out / "checkpoints" / "last"
+    if c.resume:
+        if not (last / "trainer_state.json").is_file():
+            raise InvalidRequestError(f"nothing to resume: {last} has no trainer_state.json. Start the run without "
+                                      "--resume (or pass the --out of the run to continue).")
+        return out
+    if (last / "trainer_state.json").is_file() and not (out / "config.json").is_file():
+        step = json.loads((last / "trainer_state.json").read_text()).get("step")
+        raise InvalidRequestError(f"{out} holds an unfinished run (checkpoint at step {step}); continue it with "
+                                  "--resume, or choose another --out (or delete it) to start over.")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if names and names <= set(RUN_FILES):  # a run that stopped before its first checkpoint
+        cwd = Path.cwd().absolute()
+        if out == cwd or out in cwd.parents or out == Path.home().absolute():
+            raise InvalidRequestError(f"refusing to train into {out}: it is a directory you are using; "
+                                      "choose a new --out.")
+        return out
+    return check_checkpoint_target(out)
+
+
+def check_resume_config(c: TrainConfig, saved: dict) -> None:
+    """A resumed run must be the same run: every setting outside RESUME_FREE equals config.yaml's."""
+    differ = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in c.to_dict().items()
+              if k not in RESUME_FREE and k in saved and saved[k] != v]
+    if differ:
+        raise InvalidRequestError(
+            "--resume continues the same run exactly, but these settings differ from its config.yaml: "
+            + "; ".join(differ) + ". Drop them, or start a new run from the checkpoint with "
+            f"--init-from {Path(c.out_dir) / 'checkpoints' / 'last'}.")
+
+
+def finish_run(out: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
+               generation: dict) -> None:
+    """Write the final checkpoint beside `out`, move the run's files into it, and swap it in for `out` whole."""
+    final = out.parent / f".{out.name}.final-{os.getpid()}"
+    shutil.rmtree(final, ignore_errors=True)
+    write_checkpoint(final, model, mconfig, dtype, tokenizer_dir, generation)
+    for name in RUN_FILES:
+        if (out / name).exists():
+            os.replace(out / name, final / name)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(final, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
