@@ -52,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 z.div_(s)  # softmax
                 z[rows, t.clamp(min=0)] -= 1.0
-                z.mul_((keep / max(count, 1)).to(dtype)[:, None])  # d(mean loss)/d(logits); uncounted rows 0
+                z.mul_((keep.to(dtype) / max(count, 1))[:, None])  # d(mean loss)/d(logits); uncounted rows 0
                 if need_h:
                     torch.mm(z, w, out=grad_h[start:start + chunk_rows])
                 if need_w:
