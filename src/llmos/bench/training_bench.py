@@ -30,8 +30,8 @@ from llmos.errors import InvalidRequestError
 
 SYSTEMS = ("llmos", "hf-trainer", "torch-loop")
 PEER = "hf-trainer"  # the ratio's denominator
-LEVERS = ("fused-ce", "fused-adamw", "compile")  # see llmos.train.fast; "llmos" = llmos-base+fused-ce+fused-adamw
-DEFAULT_LEVERS = ("fused-ce", "fused-adamw")
+LEVERS = ("fused-ce", "fused-adamw", "malloc", "compile")  # llmos.train.fast's helpers, one by one
+DEFAULT_LEVERS = ("fused-ce", "fused-adamw", "malloc")  # "llmos" = llmos-base+fused-ce+fused-adamw+malloc
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,8 @@ def llmos_setup(model_dir: str, spec: dict, levers: tuple[str, ...]):
     from llmos.train.trainer import make_optimizer
 
     c = _train_config(spec)
+    if "malloc" in levers:
+        fast.tune_allocator()
     model, _ = load_model(model_dir)
     model.train()
     optimizer = make_optimizer(model, c)
@@ -193,9 +195,7 @@ def llmos_setup(model_dir: str, spec: dict, levers: tuple[str, ...]):
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         optimizer = fast.make_fused_adamw(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
     if "compile" in levers:
-        import torch
-
-        model.hidden_states = torch.compile(model.hidden_states)
+        model = fast.compile_model(model)
     return model, optimizer, c
 
 
