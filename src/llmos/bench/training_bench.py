@@ -56,7 +56,7 @@ class TrainBenchConfig:
     """One benchmark run. `steps` optimizer steps per system and round; the first `warmup_steps` are not timed."""
 
     shape: str = "default"
-    steps: int = 24
+    steps: int = 20
     warmup_steps: int = 4
     batch_size: int = 16
     seq_len: int = 256
@@ -87,8 +87,8 @@ class TrainBenchConfig:
         for name in ("steps", "batch_size", "seq_len", "rounds"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise InvalidRequestError(f"need 0 <= warmup steps ({self.warmup_steps}) < --steps ({self.steps}): "
+        if not 1 <= self.warmup_steps < self.steps:
+            raise InvalidRequestError(f"need 1 <= warmup steps ({self.warmup_steps}) < --steps ({self.steps}): "
                                       "at least one step must be timed.")
         if self.threads < 0:
             raise InvalidRequestError(f"--threads must be >= 0, got {self.threads}.")
@@ -234,7 +234,7 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...]) -> dict:
     for step in range(spec["steps"]):
         lrs.append(get_lr(step, c))
         losses.append(llmos_train_step(model, optimizer, batches[step], step, c, levers))
-        ends.append(time.perf_counter())
+        ends.append(_now())
     opt = optimizer.defaults
     impl = "fused" if opt.get("fused") else "foreach" if opt.get("foreach") else "for-loop (torch's CPU default)"
     return {"losses": losses, "lrs": lrs, "step_end_s": ends,
@@ -269,7 +269,7 @@ def run_torch_loop(spec: dict, batches) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         lrs.append(lr)
-        ends.append(time.perf_counter())
+        ends.append(_now())
     return {"losses": losses, "lrs": lrs, "step_end_s": ends,
             "notes": "transformers LlamaForCausalLM (sdpa), torch.optim.AdamW defaults (for-loop on CPU), "
                      "model(input_ids, labels, shift_labels).loss"}
@@ -296,7 +296,7 @@ def run_hf_trainer(spec: dict, batches) -> dict:
             self.ends, self.logs = [], []
 
         def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
+            self.ends.append(_now())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -333,7 +333,7 @@ def run_job(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     batches = torch.from_numpy(np.load(spec["batches"], allow_pickle=False))
     kind, levers = parse_system(spec["system"])
-    t0 = time.perf_counter()
+    t0 = _now()
     if kind == "llmos":
         raw = run_llmos(spec, batches, levers)
     elif kind == "torch-loop":
@@ -344,11 +344,21 @@ def run_job(spec: dict) -> dict:
     if len(ends) != spec["steps"] or len(raw["losses"]) != spec["steps"]:
         raise RuntimeError(f"{spec['system']}: recorded {len(ends)} step times and {len(raw['losses'])} losses "
                            f"for {spec['steps']} steps")
-    start = ends[w - 1] if w > 0 else t0
-    tokens = (spec["steps"] - w) * spec["batch_size"] * spec["seq_len"]
-    return {**raw, "step_end_s": [e - t0 for e in ends], "timed_steps": spec["steps"] - w,
-            "timed_s": ends[-1] - start, "tokens_per_s": tokens / (ends[-1] - start), "job_s": time.perf_counter() - t0,
+    marks = [t0, *ends]
+    step_s = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:])][w:]  # the timed steps' durations
+    cpu_s = [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:])][w:]  # and the CPU time they used (all threads)
+    tokens_per_step = spec["batch_size"] * spec["seq_len"]
+    return {**raw, "step_end_s": [e[0] - t0[0] for e in ends], "timed_steps": len(step_s), "timed_s": sum(step_s),
+            "step_s": step_s, "median_step_s": statistics.median(step_s), "step_cpu_s": cpu_s,
+            "median_step_cpu_s": statistics.median(cpu_s),
+            "tokens_per_s": tokens_per_step / statistics.median(step_s),
+            "wall_tokens_per_s": tokens_per_step * len(step_s) / sum(step_s), "job_s": time.perf_counter() - t0[0],
             "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+def _now() -> tuple[float, float]:
+    """(wall clock, this process's CPU time over all threads), seconds."""
+    return time.perf_counter(), time.process_time()
 
 
 def _peak_rss_mib() -> float:
@@ -463,7 +473,9 @@ def summarize(results: dict) -> dict:
         tps = [r["tokens_per_s"] for r in rs]
         first = rs[0]
         row = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps, "min": min(tps), "max": max(tps),
-               "step_ms": 1e3 * statistics.median(r["timed_s"] / r["timed_steps"] for r in rs),
+               "wall_tokens_per_s": statistics.median(r["wall_tokens_per_s"] for r in rs),
+               "step_ms": 1e3 * statistics.median(r["median_step_s"] for r in rs),
+               "step_cpu_ms": 1e3 * statistics.median(r["median_step_cpu_s"] for r in rs),
                "loss_step1": first["losses"][0], "final_loss": first["losses"][-1],
                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "notes": first.get("notes", ""),
                "errors": len(runs[s]) - len(rs)}
@@ -475,6 +487,9 @@ def summarize(results: dict) -> dict:
             if per_round:
                 row["vs_peer_rounds"] = per_round
                 row["vs_peer"] = statistics.median(per_round)
+                row["vs_peer_cpu"] = statistics.median(b["median_step_cpu_s"] / a["median_step_cpu_s"]
+                                                       for a, b in zip(runs[s], runs[PEER])
+                                                       if "error" not in a and "error" not in b)
         out["systems"][s] = row
     if "llmos" in out["systems"] and "vs_peer" in out["systems"]["llmos"]:
         out["llmos_vs_peer"] = out["systems"]["llmos"]["vs_peer"]
@@ -542,27 +557,32 @@ def training_section(r: dict) -> str:
         f"(lr {c['lr']}, betas ({c['beta1']}, {c['beta2']}), eps 1e-8, weight decay {c['weight_decay']} on matrices "
         f"and embeddings, none on norms), cosine decay to {c['min_lr']} over {c['steps']} steps without warmup, "
         f"gradient clipping at {c['grad_clip']}. Each system runs alone in a fresh process, {c['rounds']} round(s), "
-        f"the order rotated each round. Tokens/s: tokens of steps {c['warmup_steps'] + 1}-{c['steps']} over the time "
-        f"from the end of step {c['warmup_steps']} to the end of step {c['steps']} (the first {c['warmup_steps']} "
-        "steps are warm-up: allocator, optimizer state, first-call costs), median over rounds.", "",
-        f"| system | tokens/s (median) | rounds (min-max) | ms/step | vs {PEER} | loss at step 1 | final loss | "
-        f"max loss diff vs {PEER} | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"the order rotated each round. A step's time runs from the end of the previous step to the end of this one "
+        "(everything the system does per step: data, forward, backward, clipping, optimizer, logging); the first "
+        f"{c['warmup_steps']} steps are warm-up (allocator, optimizer state, first calls; compilation) and not "
+        f"counted. Tokens/s = tokens per step / the median time of steps {c['warmup_steps'] + 1}-{c['steps']} (robust "
+        "to other processes' bursts on a shared machine), median over rounds; wall tokens/s = the same steps' "
+        "tokens / their total time; CPU ms/step = the median step's CPU time over all the process's threads (less "
+        "sensitive to other processes than wall time).", "",
+        f"| system | tokens/s | rounds (min-max) | wall tokens/s | ms/step | CPU ms/step | vs {PEER} | loss at step 1 | "
+        f"final loss | max loss diff vs {PEER} | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in s["systems"].items():
         if "error" in row:
-            lines.append(f"| {name} | error: {row['error']} | | | | | | | |")
+            lines.append(f"| {name} | error: {row['error']} | | | | | | | | | |")
             continue
         vs = f"{row['vs_peer']:.2f}x" if "vs_peer" in row else ("1.00x" if name == PEER else "")
         diff = f"{row['max_loss_diff_vs_peer']:.1e}" if "max_loss_diff_vs_peer" in row else ""
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['min']:,.0f}-{row['max']:,.0f} | "
-                     f"{row['step_ms']:.0f} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | {diff} | "
+                     f"{row['wall_tokens_per_s']:,.0f} | {row['step_ms']:.0f} | {row['step_cpu_ms']:.0f} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | {diff} | "
                      f"{row['peak_rss_mib']:.0f} |")
     lines.append("")
     if "llmos_vs_peer" in s:
         rounds = s["systems"]["llmos"]["vs_peer_rounds"]
-        lines += [f"**llmos / {PEER} = {s['llmos_vs_peer']:.2f}x** (median of the per-round ratios "
-                  f"{', '.join(f'{x:.2f}' for x in rounds)}; target >= 1.2x).", ""]
+        lines += [f"**llmos / {PEER} = {s['llmos_vs_peer']:.2f}x** in tokens/s (median of the per-round ratios "
+                  f"{', '.join(f'{x:.2f}' for x in rounds)}; target >= 1.2x); by CPU time per step "
+                  f"{s['systems']['llmos']['vs_peer_cpu']:.2f}x.", ""]
     lines += [f"- {name}: {row.get('notes', '')}" for name, row in s["systems"].items() if "error" not in row]
     if r.get("figure"):
         lines += ["", f"![training loss]({Path(r['figure']).name})"]

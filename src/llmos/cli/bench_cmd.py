@@ -50,7 +50,7 @@ def bench_command(
                         "default llama-110m). train: training tokens/s, llmos's trainer against transformers' "
                         "Trainer and a plain PyTorch loop, with loss curves.")] = "serving",
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", help="--suite train: optimizer steps per system and round (default 24; 4 with --quick).")] = None,
+        "--steps", help="--suite train: optimizer steps per system and round (default 20; 4 with --quick).")] = None,
     warmup: Annotated[Optional[int], typer.Option(
         "--warmup", help="--suite train: first steps left out of tokens/s (default 4; 1 with --quick).")] = None,
     rounds: Annotated[Optional[int], typer.Option(
