@@ -161,6 +161,7 @@ def write_initial_checkpoint(path: Path, shape: TrainShape, vocab_size: int, seq
         rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
     model = T.LlamaForCausalLM(config).to(torch.float32)
+    T.utils.logging.disable_progress_bar()
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
