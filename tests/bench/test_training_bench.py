@@ -79,6 +79,7 @@ def test_batches_are_seeded_windows_of_the_stream():
     ("llmos-base+fused-adamw", ("llmos", ("fused-adamw",))),
     ("llmos+compile", ("llmos", ("fused-ce", "fused-adamw", "malloc", "compile"))),
     ("hf-trainer", ("hf-trainer", ())),
+    ("hf-trainer+compile", ("hf-trainer", ("compile",))),
 ])
 def test_system_names(name, expected):
     assert tb.parse_system(name) == expected
