@@ -127,6 +127,8 @@ class CausalLM(nn.Module):
     """Common interface of llmos models.
 
     - `forward(input_ids [B, T]) -> logits [B, T, vocab]`: dense causal pass (training, oracle tests).
+    - `hidden_states(input_ids [B, T]) -> hidden [B, T, hidden]`: the same pass without the LM head, for a loss
+      that applies the head itself (`llmos.train.fast.linear_cross_entropy`).
     - `forward_paged(input_ids [N], positions [N], kv_caches, meta) -> hidden [N, hidden]`: the kernel's pass.
     - `compute_logits(hidden [M, hidden]) -> logits [M, vocab]` in fp32.
     """
@@ -159,11 +161,14 @@ class LlamaForCausalLM(CausalLM):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids))
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                       meta: AttentionMetadata) -> torch.Tensor:
@@ -244,11 +249,14 @@ class GPT2LMHeadModel(CausalLM):
         self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids))
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
     def forward_paged(self, input_ids, positions, kv_caches: KVCaches, meta: AttentionMetadata) -> torch.Tensor:
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
