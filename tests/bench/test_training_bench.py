@@ -46,7 +46,8 @@ def test_quick_run_is_fair_and_reports(quick_run):
     saved = json.loads((out / "training.json").read_text())
     assert saved["summary"]["systems"].keys() == runs.keys()
     section = (out / "training-section.md").read_text()
-    assert "| llmos |" in section and "| hf-trainer |" in section and "llmos / hf-trainer" in section
+    assert "| llmos |" in section and "| hf-trainer |" in section and "**llmos / hf-trainer" in section
+    assert "**llmos-base / hf-trainer" in section and "**torch-loop /" not in section
     assert section.count("\n| ") == 2 + len(runs) - 1  # header, separator line starts with |---, one row each
     if results["figure"]:
         assert (out / "training-loss-quick.png").stat().st_size > 1000

@@ -25,9 +25,9 @@ def bench_command(
                         "random weights) or 'tiny'.")] = None,
     systems: Annotated[Optional[str], typer.Option(
         "--systems", help="Comma-separated: llmos, hf-sequential, hf-static, hf-continuous, hf-continuous-exact "
-                          "(default: all but the last). --suite train: llmos, hf-trainer, torch-loop (default: "
-                          "those three), and llmos-base[+fused-ce][+fused-adamw][+compile] to measure one lever at "
-                          "a time."
+                          "(default: all but the last). --suite train: llmos, llmos+compile, hf-trainer, torch-loop (the "
+                          "default), hf-trainer+compile, and llmos-base[+fused-ce][+fused-adamw][+malloc][+compile] to "
+                          "measure one lever at a time."
     )] = None,
     requests: Annotated[Optional[int], typer.Option(
         "--requests", help="Concurrent requests (default 32; 4 with --quick).")] = None,
