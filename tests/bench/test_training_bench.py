@@ -170,7 +170,8 @@ def test_causal_lm_loss_falls_back_for_models_without_hidden_states():
 def test_fused_adamw_equals_the_default_adamw():
     torch.manual_seed(0)
     model = build_model(ModelConfig(model_type="llama", vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
-                                    num_kv_heads=2, intermediate_size=64, max_position_embeddings=16, tie_word_embeddings=True))
+                                    num_kv_heads=2, intermediate_size=64, max_position_embeddings=16,
+                                    tie_word_embeddings=True))
     twin = copy.deepcopy(model)
     c = TrainConfig()
 

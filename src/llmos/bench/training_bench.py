@@ -138,7 +138,8 @@ def token_stream() -> tuple[np.ndarray, int, str]:
     eot = tok.token_to_id("<|endoftext|>")
     text = (d / "heldout.txt").read_text(encoding="utf-8")
     ids = tok.encode(text, add_special_tokens=False).ids
-    return np.array([eot, *ids, eot], dtype=np.int64), tok.get_vocab_size(), "src/llmos/assets/default-model/heldout.txt"
+    source = "src/llmos/assets/default-model/heldout.txt"
+    return np.array([eot, *ids, eot], dtype=np.int64), tok.get_vocab_size(), source
 
 
 def make_batches(stream: np.ndarray, steps: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
@@ -241,10 +242,11 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...]) -> dict:
         ends.append(_now())
     opt = optimizer.defaults
     impl = "fused" if opt.get("fused") else "foreach" if opt.get("foreach") else "for-loop (torch's CPU default)"
+    loss = "fused LM head + chunked cross-entropy" if "fused-ce" in levers else "F.cross_entropy on full logits"
     return {"losses": losses, "lrs": lrs, "step_end_s": ends,
             "notes": f"llmos.train.trainer (make_optimizer, get_lr, the loop's step) + levers "
                      f"{', '.join(levers) or 'none'}; AdamW {impl}; loss "
-                     f"{'fused LM head + chunked cross-entropy' if 'fused-ce' in levers else 'F.cross_entropy on full logits'}"}
+                     f"{loss}"}
 
 
 def run_torch_loop(spec: dict, batches) -> dict:
@@ -316,7 +318,8 @@ def run_hf_trainer(spec: dict, batches, compile: bool = False) -> dict:
             lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": spec["min_lr"]}, warmup_steps=0,
             logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-            remove_unused_columns=False, torch_compile=compile,  # keep shift_labels (the model's loss takes it; not in forward's signature)
+            # keep shift_labels: the model's loss takes it, but it is not in forward's signature
+            remove_unused_columns=False, torch_compile=compile,
             seed=spec["seed"])
         trainer = T.Trainer(model=model, args=args, train_dataset=Rows(), data_collator=T.default_data_collator,
                             callbacks=[record])
@@ -582,7 +585,8 @@ def training_section(r: dict) -> str:
         vs = f"{row['vs_peer']:.2f}x" if "vs_peer" in row else ("1.00x" if name == PEER else "")
         diff = f"{row['max_loss_diff_vs_peer']:.1e}" if "max_loss_diff_vs_peer" in row else ""
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['min']:,.0f}-{row['max']:,.0f} | "
-                     f"{row['wall_tokens_per_s']:,.0f} | {row['step_ms']:.0f} | {row['best_step_ms']:.0f} | {row['step_cpu_ms']:.0f} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | {diff} | "
+                     f"{row['wall_tokens_per_s']:,.0f} | {row['step_ms']:.0f} | {row['best_step_ms']:.0f} | "
+                     f"{row['step_cpu_ms']:.0f} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | {diff} | "
                      f"{row['peak_rss_mib']:.0f} |")
     lines.append("")
     for name, row in s["systems"].items():
