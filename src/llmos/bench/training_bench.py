@@ -29,6 +29,7 @@ import numpy as np
 from llmos.errors import InvalidRequestError
 
 SYSTEMS = ("llmos", "llmos+compile", "hf-trainer", "torch-loop")  # the default run
+QUICK_SYSTEMS = ("llmos", "hf-trainer", "torch-loop")  # --quick: no compilation (tens of seconds)
 PEER = "hf-trainer"  # the ratio's denominator
 LEVERS = ("fused-ce", "fused-adamw", "malloc", "compile")  # llmos.train.fast's helpers, one by one
 DEFAULT_LEVERS = ("fused-ce", "fused-adamw", "malloc")  # "llmos" = llmos-base+fused-ce+fused-adamw+malloc
@@ -78,7 +79,8 @@ class TrainBenchConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "TrainBenchConfig":
-        base = dict(shape="tiny", steps=4, warmup_steps=1, batch_size=2, seq_len=32, rounds=1, quick=True)
+        base = dict(shape="tiny", steps=4, warmup_steps=1, batch_size=2, seq_len=32, rounds=1, quick=True,
+                    systems=QUICK_SYSTEMS)
         return cls(**{**base, **kw})
 
     def validate(self) -> None:
