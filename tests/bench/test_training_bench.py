@@ -46,7 +46,8 @@ def test_quick_run_is_fair_and_reports(quick_run):
     saved = json.loads((out / "training.json").read_text())
     assert saved["summary"]["systems"].keys() == runs.keys()
     section = (out / "training-section.md").read_text()
-    assert "| llmos |" in section and "| hf-trainer |" in section and "llmos / hf-trainer" in section
+    assert "| llmos |" in section and "| hf-trainer |" in section and "**llmos / hf-trainer" in section
+    assert "**llmos-base / hf-trainer" in section and "**torch-loop /" not in section
     assert section.count("\n| ") == 2 + len(runs) - 1  # header, separator line starts with |---, one row each
     if results["figure"]:
         assert (out / "training-loss-quick.png").stat().st_size > 1000
@@ -169,7 +170,8 @@ def test_causal_lm_loss_falls_back_for_models_without_hidden_states():
 def test_fused_adamw_equals_the_default_adamw():
     torch.manual_seed(0)
     model = build_model(ModelConfig(model_type="llama", vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
-                                    num_kv_heads=2, intermediate_size=64, max_position_embeddings=16, tie_word_embeddings=True))
+                                    num_kv_heads=2, intermediate_size=64, max_position_embeddings=16,
+                                    tie_word_embeddings=True))
     twin = copy.deepcopy(model)
     c = TrainConfig()
 

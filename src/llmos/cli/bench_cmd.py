@@ -25,9 +25,9 @@ def bench_command(
                         "random weights) or 'tiny'.")] = None,
     systems: Annotated[Optional[str], typer.Option(
         "--systems", help="Comma-separated: llmos, hf-sequential, hf-static, hf-continuous, hf-continuous-exact "
-                          "(default: all but the last). --suite train: llmos, hf-trainer, torch-loop (default: "
-                          "those three), and llmos-base[+fused-ce][+fused-adamw][+compile] to measure one lever at "
-                          "a time."
+                          "(default: all but the last). --suite train: llmos, llmos+compile, hf-trainer, torch-loop "
+                          "(the default; --quick: all but llmos+compile), hf-trainer+compile, and "
+                          "llmos-base[+fused-ce][+fused-adamw][+malloc][+compile] to measure one lever at a time."
     )] = None,
     requests: Annotated[Optional[int], typer.Option(
         "--requests", help="Concurrent requests (default 32; 4 with --quick).")] = None,
@@ -93,7 +93,7 @@ def _train_suite(model, systems, seed, threads, out, quick, steps, warmup, round
     import shlex
     import sys
 
-    from llmos.bench.training_bench import SYSTEMS, TrainBenchConfig, run_training_benchmark
+    from llmos.bench.training_bench import QUICK_SYSTEMS, SYSTEMS, TrainBenchConfig, run_training_benchmark
 
     if model and len(model) > 1:
         raise InvalidRequestError("--suite train takes one --model (a shape: default or tiny).")
@@ -101,7 +101,7 @@ def _train_suite(model, systems, seed, threads, out, quick, steps, warmup, round
                                    seq_len=seq_len).items() if v is not None}
     if model:
         given["shape"] = model[0]
-    names = tuple(s.strip() for s in (systems or ",".join(SYSTEMS)).split(",") if s.strip())
+    names = tuple(s.strip() for s in (systems or ",".join(QUICK_SYSTEMS if quick else SYSTEMS)).split(",") if s.strip())
     program = "llmos" if Path(sys.argv[0]).name == "llmos" else f"python {sys.argv[0]}"
     command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
     common = dict(systems=names, seed=seed, threads=threads or 0, out=out, img_dir=img_dir, command=command, **given)
