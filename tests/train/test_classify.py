@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -19,43 +18,17 @@ from llmos.train.classify import (
     DEFAULT_DATASET, SequenceClassifier, ZERO_SHOT_TEMPLATE, confusion_matrix, encode_texts, pad_batch,
     read_labelled_csv, run_classify, save_classifier, stratified_split, zero_shot_scores,
 )
+from llmos.train.config import TrainConfig
 from llmos.train.finetune import load_base, prepare_model
 
 
-@dataclass
-class CConfig:
-    """The TrainConfig fields classify reads (a local stand-in, so these tests do not depend on the trainer)."""
-
-    data: list[str] = field(default_factory=list)
-    out_dir: str = "out"
-    init_from: str | None = None
-    arch: str = "llama"
-    task: str = "classify"
-    text_column: str = "text"
-    label_column: str = "label"
-    zero_shot: bool = False
-    seq_len: int = 32
-    batch_size: int = 8
-    max_steps: int = 40
-    lr: float = 1e-2
-    min_lr: float = 1e-3
-    warmup_steps: int = 4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    val_fraction: float = 0.25
-    eval_interval: int = 20
-    log_interval: int = 5
-    seed: int = 0
-    dtype: str = "float32"
-    num_threads: int = 1
-    progress: bool = False
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lora_merge: bool = True
+def CConfig(**overrides) -> TrainConfig:
+    """A TrainConfig with small classify settings."""
+    settings = dict(task="classify", seq_len=32, batch_size=8, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=4,
+                    weight_decay=0.0, val_fraction=0.25, eval_interval=20, log_interval=5, seed=0, num_threads=1,
+                    progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
 
 
 # Three labels, each with its own words; the last word alone tells the label (an easy, separable task).

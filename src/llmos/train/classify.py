@@ -394,13 +394,12 @@ def run_classify(config: Any) -> dict:
 
 def _train(config, out_dir, model, tokenizer, pad_id, max_len, num_labels, train_texts, train_labels, val_texts,
            val_labels):
+    from llmos.train.trainer import get_lr, make_optimizer  # trainer dispatches here: import it when called
+
     classifier = SequenceClassifier(prepare_model(config, model), num_labels)
     train_ids = encode_texts(tokenizer, train_texts, max_len, pad_id)
     val_ids = encode_texts(tokenizer, val_texts, max_len, pad_id)
-    params = [p for p in {id(p): p for p in classifier.parameters()}.values() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": getattr(config, "weight_decay", 0.0)},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(getattr(config, "beta1", 0.9), getattr(config, "beta2", 0.95)))
+    opt = make_optimizer(classifier, config)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=getattr(config, "dtype", "float32") == "bfloat16")
     rng = np.random.default_rng(config.seed)
     steps, log_interval = config.max_steps, max(1, getattr(config, "log_interval", 10))
@@ -411,7 +410,7 @@ def _train(config, out_dir, model, tokenizer, pad_id, max_len, num_labels, train
     with progress:
         task = progress.add_task("classify", total=steps, loss=float("nan"))
         for step in range(steps):
-            lr = _lr(step, config)
+            lr = get_lr(step, config)
             for group in opt.param_groups:
                 group["lr"] = lr
             classifier.train()
@@ -426,7 +425,7 @@ def _train(config, out_dir, model, tokenizer, pad_id, max_len, num_labels, train
                                             "and run again.")
             loss.backward()
             if getattr(config, "grad_clip", 0) > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(classifier.parameters(), config.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             train_loss = loss.item()
@@ -647,16 +646,6 @@ def _pad_id(tokenizer: Tokenizer, model_config: ModelConfig) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _lr(step: int, c: Any) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at the last step."""
-    warmup, total = getattr(c, "warmup_steps", 0), c.max_steps
-    min_lr = getattr(c, "min_lr", 0.0)
-    if step < warmup:
-        return c.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - min_lr)
 
 
 def _progress(enabled: bool, total: int):
