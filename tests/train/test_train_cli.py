@@ -1,0 +1,95 @@
+"""`llmos train`'s command line: every flag the docs and the error messages name exists, and user errors end
+in one `error:` line with exit status 2 (through `python -m llmos.cli.train_cmd`, as a user runs it)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import typer
+
+import llmos
+from llmos.cli.train_cmd import train_command
+
+ROOT = Path(llmos.__file__).resolve().parents[2]
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+NOT_TRAIN_FLAGS = {"--standalone", "--nproc-per-node", "--set"}  # torchrun's own flags; --set is checked apart
+
+
+def train_flags() -> set[str]:
+    """Every option `llmos train --help` lists (both names of a --x/--no-x pair)."""
+    app = typer.Typer()
+    app.command()(train_command)
+    command = typer.main.get_command(app)
+    return {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def documented_train_commands() -> list[tuple[str, str]]:
+    """(file, command) for every `llmos train ...` in README.md and docs/: code lines (joined over trailing
+    backslashes, comments dropped) and inline `llmos train ...` code spans."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            for m in re.finditer(r"`(llmos train[^`]*)`", line):
+                found.append((path.name, m.group(1)))
+            if re.match(r"^\s*(\$ )?llmos train\b", line):
+                text = line
+                while text.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    text = text.rstrip()[:-1] + " " + lines[i]
+                found.append((path.name, text.split(" #")[0]))
+            i += 1
+    return found
+
+
+def test_the_docs_show_train_commands():
+    assert len(documented_train_commands()) > 10
+
+
+def test_every_documented_train_flag_exists():
+    flags = train_flags() | {"--help", "--set"}
+    missing = sorted({(f, name) for name, cmd in documented_train_commands() for f in FLAG.findall(cmd)
+                      if f not in flags})
+    assert not missing, f"documented `llmos train` flags that do not exist: {missing}"
+
+
+def test_every_flag_an_error_message_names_exists():
+    flags = train_flags()
+    missing = set()
+    for path in sorted((ROOT / "src" / "llmos" / "train").glob("*.py")):
+        for f in FLAG.findall(path.read_text(encoding="utf-8")):
+            if f not in flags and f not in NOT_TRAIN_FLAGS:
+                missing.add((path.name, f))
+    assert not missing, f"flags named in llmos.train that `llmos train` lacks: {sorted(missing)}"
+
+
+def test_data_flags_reach_the_config(tmp_path, monkeypatch):
+    """The data flags land in the resolved TrainConfig (stopped just before training)."""
+    import llmos.train.trainer as trainer
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return {"state": "done"}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    data = tmp_path / "r.csv"
+    data.write_text("review,stars\ngood,5\n")
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, [
+        "--data", str(data), "--out", str(tmp_path / "run"), "--text-column", "review", "--label-column", "stars",
+        "--text-field", "body", "--messages-field", "conv", "--normalize", "nfkc", "--clean", "--no-dedup",
+        "--chat-tokens", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj", "--beta2", "0.99", "--quiet"])
+    assert result.exit_code == 0, result.output
+    c = seen["config"]
+    assert (c.text_column, c.label_column, c.text_field, c.messages_field) == ("review", "stars", "body", "conv")
+    assert (c.normalize, c.clean, c.dedup, c.chat_tokens) == ("nfkc", True, False, True)
+    assert (c.lora_alpha, c.lora_targets, c.beta2) == (8.0, ["q_proj", "v_proj"], 0.99)
