@@ -3,7 +3,11 @@ in one `error:` line with exit status 2 (through `python -m llmos.cli.train_cmd`
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,43 @@ def test_data_flags_reach_the_config(tmp_path, monkeypatch):
     assert (c.text_column, c.label_column, c.text_field, c.messages_field) == ("review", "stars", "body", "conv")
     assert (c.normalize, c.clean, c.dedup, c.chat_tokens) == ("nfkc", True, False, True)
     assert (c.lora_alpha, c.lora_targets, c.beta2) == (8.0, ["q_proj", "v_proj"], 0.99)
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m llmos.cli.train_cmd ARGS` as a user runs it (one thread per process)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "llmos.cli.train_cmd", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_csv(path: Path) -> Path:
+    rows = [("heaven earth light", "earth"), ("quick brown fox", "animals"), ("def main return", "code")] * 6
+    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["trained", "zero-shot"])
+def test_classify_runs_end_with_an_accuracy_line(tmp_path, model_factory, mode):
+    base = model_factory(tmp_path / "base", max_positions=64)
+    out = tmp_path / "clf"
+    extra = ["--zero-shot"] if mode == "zero-shot" else ["--max-steps", "4", "--batch-size", "4", "--log-interval", "2",
+                                                          "--eval-interval", "4", "--warmup-steps", "1"]
+    done = run_cli("--task", "classify", "--data", str(tiny_csv(tmp_path / "t.csv")), "--init-from", str(base),
+                   "--out", str(out), "--val-fraction", "0.34", "--seq-len", "16", "--threads", "1", *extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert (out / "metrics.json").is_file()
+    report = json.loads((out / "metrics.json").read_text())
+    assert re.search(rf"wrote {re.escape(str(out))}: accuracy {report['accuracy']:.3f} on "
+                     rf"{report['val_examples']} held-out rows", done.stdout), done.stdout
+
+
+def test_summary_lines_per_task():
+    from llmos.cli.train_cmd import summary_line
+
+    assert summary_line("o", {"parameters": 1234, "tokens": 5000, "train_seconds": 3.2, "val_perplexity": 9.5}) == \
+        "wrote o: 1,234 parameters, 5,000 tokens, 3 s, validation perplexity 9.50"
+    assert summary_line("o", {"task": "classify", "mode": "trained", "accuracy": 0.5, "val_examples": 6, "steps": 4,
+                              "parameters": 10, "seconds": 1.0}) == \
+        "wrote o: accuracy 0.500 on 6 held-out rows (4 steps, 1 s)"
+    assert summary_line("o", {"state": "finished"}) is None

@@ -155,10 +155,30 @@ def train_command(
         typer.echo(f"suspended {resolved.out_dir} at step {summary['steps']} of {summary['total_steps']}; "
                    f"continue with: llmos train --out {resolved.out_dir} --resume")
         return
-    if "parameters" in summary:
-        ppl = summary.get("val_perplexity")
-        typer.echo(f"wrote {resolved.out_dir}: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens, "
-                   f"{summary['train_seconds']:.0f} s" + (f", validation perplexity {ppl:.2f}" if ppl else ""))
+    line = summary_line(resolved.out_dir, summary)
+    if line:
+        typer.echo(line)
+
+
+def summary_line(out_dir: str, summary: dict) -> str | None:
+    """The last line a finished run prints: for --task classify the held-out accuracy (the summary of
+    `llmos.train.classify.run_classify`), else parameters, tokens and validation perplexity; None when the
+    summary has nothing to report."""
+    if summary.get("task") == "classify" and "accuracy" in summary:
+        mode = "zero-shot" if summary.get("mode") == "zero-shot" else f"{summary.get('steps', 0)} steps"
+        return (f"wrote {out_dir}: accuracy {summary['accuracy']:.3f} on {summary.get('val_examples', 0):,} "
+                f"held-out rows ({mode}, {summary.get('seconds', 0):.0f} s)")
+    if "parameters" not in summary:
+        return None
+    ppl = summary.get("val_perplexity")
+    parts = [f"{summary['parameters']:,} parameters"]
+    if "tokens" in summary:
+        parts.append(f"{summary['tokens']:,} tokens")
+    if "train_seconds" in summary:
+        parts.append(f"{summary['train_seconds']:.0f} s")
+    if ppl:
+        parts.append(f"validation perplexity {ppl:.2f}")
+    return f"wrote {out_dir}: " + ", ".join(parts)
 
 
 def main() -> None:
