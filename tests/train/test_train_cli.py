@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,50 @@ def test_summary_lines_per_task():
                               "parameters": 10, "seconds": 1.0}) == \
         "wrote o: accuracy 0.500 on 6 held-out rows (4 steps, 1 s)"
     assert summary_line("o", {"state": "finished"}) is None
+
+
+TINY = ["--vocab-size", "300", "--hidden-size", "16", "--layers", "2", "--heads", "2", "--kv-heads", "1",
+        "--intermediate-size", "32", "--seq-len", "16", "--threads", "1", "--device", "cpu", "--eval-steps", "1"]
+TEXT = "".join(f"Line {i}: in the beginning was the word, and the word was with light.\n" for i in range(200))
+
+
+def one_error_line(done: subprocess.CompletedProcess, expected: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [f"error: {expected}"], output
+    for noise in ("Traceback", "ChildFailedError", "torch.distributed", "death signal"):
+        assert noise not in output, output
+
+
+def test_nproc_input_errors_are_one_line_before_torchrun(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "t.txt").write_text(TEXT)
+    done = run_cli(*TINY, "--nproc", "2", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "a"),
+                   "--batch-size", "4")
+    one_error_line(done, f"{tmp_path / 'empty.txt'} is empty; remove it from --data or put text in it.")
+    done = run_cli(*TINY, "--nproc", "2", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "b"),
+                   "--set", "batch_size=3")
+    one_error_line(done, "--batch-size 3 is the global batch; it must be a multiple of the 2 processes (--nproc).")
+    done = run_cli(*TINY, "--nproc", "2", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "c"),
+                   "--batch-size", "4", "--init-from", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and done.stderr.startswith("error: --init-from") and "Traceback" not in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing started
+
+
+def test_an_error_inside_the_ranks_is_one_line(tmp_path):
+    (tmp_path / "small.txt").write_text("hi there\n")
+    done = run_cli(*TINY, "--nproc", "2", "--data", str(tmp_path / "small.txt"), "--out", str(tmp_path / "run"),
+                   "--batch-size", "4", "--quiet")
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "too short" in errors[0], output
+    for noise in ("Traceback", "ChildFailedError", "death signal"):
+        assert noise not in output, output
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -128,6 +128,7 @@ def train_command(
         submit(resolved)
         return
     if resolved.nproc > 1 and not distributed.under_torchrun():
+        preflight(resolved)
         tmp = Path(tempfile.mkdtemp(prefix="llmos-train-"))
         try:
             save_config(resolved, tmp / "config.yaml")
@@ -160,6 +161,37 @@ def train_command(
         typer.echo(line)
 
 
+def preflight(c) -> None:
+    """The cheap checks of a `--nproc N` run, in the launcher before torchrun starts, so that a user error is
+    one `error:` line (exit 2) rather than one per rank: the batch divides over the processes, the run
+    directory may be used, --init-from is a usable checkpoint, and every data file exists, is readable and is
+    not empty. Raises `InvalidRequestError`, `DataError` or `ModelLoadError`; the ranks check again."""
+    from llmos.errors import DataError
+    from llmos.train.checkpoint import check_out_dir
+
+    if c.batch_size % c.nproc:
+        raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
+                                  f"the {c.nproc} processes (--nproc).")
+    check_out_dir(c)
+    if c.init_from:
+        from llmos.train.trainer import check_init_from
+
+        check_init_from(c)
+    if c.resume or c.shards_dir:  # the data was prepared into shards already
+        return
+    from llmos.train.sources import collect_data_files
+
+    for path in collect_data_files(c.data):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+        except OSError as e:
+            raise DataError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or remove it "
+                            "from --data.") from None
+        if not head.strip() and path.stat().st_size <= len(head):
+            raise DataError(f"{path} is empty; remove it from --data or put text in it.")
+
+
 def summary_line(out_dir: str, summary: dict) -> str | None:
     """The last line a finished run prints: for --task classify the held-out accuracy (the summary of
     `llmos.train.classify.run_classify`), else parameters, tokens and validation perplexity; None when the
@@ -190,7 +222,10 @@ def main() -> None:
         try:
             train_command(**kwargs)
         except LlmosError as e:
-            typer.echo(f"error: {e}", err=True)
+            from llmos.train.distributed import report_rank_error
+
+            if not report_rank_error(e):  # a rank of `--nproc N`: the launcher prints it, once
+                typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
     typer.run(command)

@@ -173,6 +173,8 @@ class TrainConfig:
             bad("LoRA (--lora-rank > 0) adapts an existing model; pass --init-from CHECKPOINT_DIR.")
         if self.lora_rank > 0 and not self.lora_targets:
             bad("--lora-rank > 0 needs at least one module name in --lora-targets (e.g. q_proj,v_proj).")
+        if self.task == "classify" and self.nproc > 1:
+            bad(f"--task classify runs in one process; drop --nproc {self.nproc}.")
         if self.zero_shot and self.task != "classify":
             bad("--zero-shot only applies to --task classify.")
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
