@@ -181,6 +181,29 @@ def test_an_error_inside_the_ranks_is_one_line(tmp_path):
         assert noise not in output, output
 
 
+def test_ctrl_c_on_two_ranks_says_only_suspended(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.cli.train_cmd", *TINY, "--nproc", "2", "--data",
+                             str(tmp_path / "t.txt"), "--out", str(out), "--batch-size", "4", "--max-steps", "100000",
+                             "--eval-interval", "1000"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and '"step"' not in _read(out / "progress.json"):
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    assert f"continue with: llmos train --out {out} --resume" in output
+    for noise in ("Traceback", "SignalException", "death signal", "ChildFailedError"):
+        assert noise not in output, output
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()

@@ -275,12 +275,13 @@ def _first_rank_error(folder: str) -> LlmosError | None:
 
 
 def _torchrun() -> int:
-    """torchrun (`torch.distributed.run`) with sys.argv[1:], minus its noise: no ChildFailedError traceback
-    and no elastic-agent log lines; the ranks print their own errors (or relay them, see `report_rank_error`).
-    Returns 0 or 1 (a rank failed)."""
+    """torchrun (`torch.distributed.run`) with sys.argv[1:], minus its noise: no ChildFailedError or
+    SignalException traceback and no elastic-agent warnings ("Received 15 death signal ..."); the ranks print
+    their own errors (or relay them, see `report_rank_error`). Returns 0, 1 (a rank failed) or 128 + signal."""
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it when created
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -291,6 +292,8 @@ def _torchrun() -> int:
         run(parse_args(sys.argv[1:]))
     except ChildFailedError:
         return 1
+    except SignalException as e:
+        return 128 + int(e.sigval)
     return 0
 
 
