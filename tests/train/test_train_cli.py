@@ -209,3 +209,14 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_documented_run_commands_name_the_model_with_the_flag():
+    """`llmos run PROMPT` takes the model as --model; a path as the first argument would be the prompt."""
+    wrong = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            for m in re.finditer(r"llmos run +([^\s\"'`|-][^\s`]*)", line):
+                if "/" in m.group(1):  # runs/tiny, ./my-model, /models/x
+                    wrong.append((path.name, line.strip()))
+    assert not wrong, wrong
