@@ -168,11 +168,13 @@ class TrainConfig:
         if self.num_threads < 0:
             bad(f"--threads must be >= 0, got {self.num_threads}.")
         if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
-            bad(f"--lora-rank must be >= 0 and lora_dropout in [0, 1); got {self.lora_rank}, {self.lora_dropout}.")
+            bad(f"--lora-rank must be >= 0 and --lora-dropout in [0, 1); got {self.lora_rank}, {self.lora_dropout}.")
         if self.lora_rank > 0 and not self.init_from:
             bad("LoRA (--lora-rank > 0) adapts an existing model; pass --init-from CHECKPOINT_DIR.")
         if self.lora_rank > 0 and not self.lora_targets:
-            bad("--lora-rank > 0 needs at least one module name in lora_targets (e.g. q_proj,v_proj).")
+            bad("--lora-rank > 0 needs at least one module name in --lora-targets (e.g. q_proj,v_proj).")
+        if self.task == "classify" and self.nproc > 1:
+            bad(f"--task classify runs in one process; drop --nproc {self.nproc}.")
         if self.zero_shot and self.task != "classify":
             bad("--zero-shot only applies to --task classify.")
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
@@ -181,7 +183,7 @@ class TrainConfig:
         if self.tokenizer is not None and not (Path(self.tokenizer) / "tokenizer.json").is_file():
             bad(f"--tokenizer {self.tokenizer} has no tokenizer.json; pass a model or tokenizer directory.")
         if self.shards_dir is not None and not (Path(self.shards_dir) / "manifest.json").is_file():
-            bad(f"shards_dir {self.shards_dir} has no manifest.json; point it at the data/ folder of an earlier "
+            bad(f"--shards-dir {self.shards_dir} has no manifest.json; point it at the data/ folder of an earlier "
                 "run (or prepared shards), or leave it out to prepare the data into <out>/data.")
 
     # ---- dict / file round trip ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Owns everything that differs between one process and `torchrun` ranks: who I am (rank, world size,
 device), the process group (gloo on CPU, NCCL on CUDA), wrapping the model, the collectives the loop
 needs, gathering a full (unsharded) model and optimizer state for rank 0 to save, and relaunching
-`llmos train --nproc N` under torchrun. Never decides what to train on and never writes files.
+`llmos train --nproc N` under torchrun (relaying a rank's user error to the launcher as one line). Never
+decides what to train on and never writes files other than that relay's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from llmos.errors import InvalidRequestError
+import llmos.errors
+from llmos.errors import InvalidRequestError, LlmosError
+
+RANK_ERRORS = "LLMOS_RANK_ERRORS"  # env: the launcher's folder where ranks leave their user error (rank-N.json)
 
 
 @dataclass
@@ -174,9 +178,14 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None = None) -> int:
-    """Run `python -m torch.distributed.run --nproc-per-node N --standalone -m llmos.cli.train_cmd ARGS`
-    and wait for it; returns its exit status (0 when a stop signal suspended the run). The multi-node form
-    is in docs/train/trainer.md.
+    """Run `torchrun --nproc-per-node N --standalone -m llmos.cli.train_cmd ARGS` (through `_torchrun`, which
+    keeps torchrun's own tracebacks and warnings off the terminal) and wait for it; returns its exit status
+    (0 when a stop signal suspended the run). The multi-node form is in docs/train/trainer.md.
+
+    A user error inside the ranks (an `LlmosError`, e.g. too little text for a window) is raised here again,
+    once, with the message of the lowest rank that reported it: ranks under this launcher write it to
+    $LLMOS_RANK_ERRORS/rank-N.json (`report_rank_error`) instead of printing it. Programming errors keep their
+    rank's traceback, and the status is torchrun's.
 
     Signals: torchrun runs in its own session, so a signal to this process's group (Ctrl-C in a terminal,
     the daemon's suspend) reaches only this launcher, which turns SIGUSR1/SIGTERM/SIGINT into one SIGTERM
@@ -186,12 +195,15 @@ def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None 
     """
     import json
     import signal
+    import tempfile
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-               "-m", "llmos.cli.train_cmd", *args]
+    errors = tempfile.mkdtemp(prefix="llmos-rank-errors-")
+    command = [sys.executable, "-c", "import sys; from llmos.train.distributed import _torchrun; sys.exit(_torchrun())",
+               "--nproc-per-node", str(nproc), "--standalone", "-m", "llmos.cli.train_cmd", *args]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    env[RANK_ERRORS] = errors
     proc = subprocess.Popen(command, env=env, start_new_session=True,
                             preexec_fn=_pdeathsig_kill if sys.platform.startswith("linux") else None)
     stopped: list[int] = []
@@ -208,13 +220,81 @@ def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        error = _first_rank_error(errors)
+        import shutil
+
+        shutil.rmtree(errors, ignore_errors=True)
     if stopped and progress_file is not None:
         try:
             if json.loads(open(progress_file).read()).get("state") == "suspended":
                 return 0
         except (OSError, ValueError):
             pass
+    if status and error is not None:
+        raise error
     return status
+
+
+def report_rank_error(error: LlmosError) -> bool:
+    """In a rank started by `launch`: leave `error` for the launcher to print once; returns False (print it
+    yourself) anywhere else."""
+    folder = os.environ.get(RANK_ERRORS)
+    if not folder or not under_torchrun() or not os.path.isdir(folder):
+        return False
+    import json
+
+    path = os.path.join(folder, f"rank-{int(os.environ['RANK'])}.json")
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"type": type(error).__name__, "message": str(error)}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        return False
+    return True
+
+
+def _first_rank_error(folder: str) -> LlmosError | None:
+    """The lowest rank's reported error, as its own `LlmosError` class (LlmosError if unknown)."""
+    import json
+
+    reports = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("rank-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    reports.append((int(name[5:-5]), json.load(f)))
+            except (OSError, ValueError):
+                continue
+    if not reports:
+        return None
+    report = min(reports, key=lambda r: r[0])[1]
+    cls = getattr(llmos.errors, str(report.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, LlmosError)):
+        cls = LlmosError
+    return cls(str(report.get("message", "a training process failed")))
+
+
+def _torchrun() -> int:
+    """torchrun (`torch.distributed.run`) with sys.argv[1:], minus its noise: no ChildFailedError or
+    SignalException traceback and no elastic-agent warnings ("Received 15 death signal ..."); the ranks print
+    their own errors (or relay them, see `report_rank_error`). Returns 0, 1 (a rank failed) or 128 + signal."""
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it when created
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(sys.argv[1:]))
+    except ChildFailedError:
+        return 1
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
 
 
 def _pdeathsig_kill() -> None:  # in the child, before exec: SIGKILL it when the launcher dies
