@@ -381,3 +381,71 @@ def test_the_fused_head_and_loss_give_the_plain_losses(tmp_path, text, monkeypat
     train(tiny(tmp_path, "plain", max_steps=4))
     fused, plain = losses(tmp_path / "fused"), losses(tmp_path / "plain")
     assert len(fused) == 4 and all(abs(a - b) <= 1e-5 * b for a, b in zip(fused, plain))
+
+
+# ---- a full disk, a read-only directory, a busy or finished --out, shards_dir ------------------------------
+
+
+def test_a_safetensors_write_error_is_a_checkpoint_write_error(tmp_path, text, monkeypatch):
+    """safetensors' Rust writer reports ENOSPC as SafetensorError (not an OSError): the same one-line error,
+    checkpoints/last keeps step 2 whole, no temporaries are left, and --resume finishes the run exactly."""
+    from safetensors import SafetensorError
+
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint there is intact"):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+    train(tiny(tmp_path, resume=True))
+    train(tiny(tmp_path, "reference"))
+    assert losses(out) == losses(tmp_path / "reference")
+
+
+def test_a_failed_progress_write_is_a_checkpoint_write_error(tmp_path, text, monkeypatch):
+    """progress.json / metrics.jsonl go through `atomic_write`: its ENOSPC is the documented error, not an OSError."""
+    import llmos.train.checkpoint as checkpoint
+
+    real, calls = checkpoint.tempfile.mkstemp, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", "progress.json")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", failing)
+    with pytest.raises(CheckpointWriteError, match="could not write progress.json: No space left on device"):
+        train(tiny(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root, which ignores directory permissions (chmod)")
+def test_a_read_only_run_directory_is_one_error_line_and_exit_2(tmp_path, text):
+    out = tmp_path / "run"
+    assert run_cli("--data", str(tmp_path / "t.txt"), "--out", str(out), "--set", "max_steps=2", "--set",
+                   "hidden_size=16", "--set", "num_layers=1", "--set", "vocab_size=300", "--set", "seq_len=16",
+                   "--threads", "1", cwd=tmp_path).returncode == 0
+    (out / "summary.json").unlink()  # keep it a run to resume: drop the final checkpoint's marker files
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    os.chmod(out, 0o555)
+    try:
+        result = run_cli("--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--set",
+                         "max_steps=2", "--threads", "1", cwd=tmp_path)
+    finally:
+        os.chmod(out, 0o755)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmos.errors import InvalidRequestError, LlmosError
@@ -40,8 +41,22 @@ RESUME_FREE = {"data", "out_dir", "resume", "progress", "num_threads", "compile"
                "eval_interval", "log_interval", "save_interval", "tokenizer"}
 
 
+# What a failed write raises: the OS's errors and safetensors' own (its Rust writer wraps ENOSPC in it).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
 class CheckpointWriteError(LlmosError):
     """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+def write_error(what: Path | str, e: BaseException, out: Path | None = None) -> CheckpointWriteError:
+    """The one-line user error for a failed write of `what` (an OSError or a SafetensorError) in the run `out`."""
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    where = getattr(e, "filename", None) or what
+    hint = (f" and continue with `llmos train --out {out} --resume` (or start again if it saved no checkpoint)"
+            if out is not None else "")
+    return CheckpointWriteError(f"could not write {where}: {reason}. The previous checkpoint there is intact (if there was one); "
+                                f"free disk space (or fix the permissions){hint}.")
 
 
 class _DirExtras:
@@ -65,11 +80,8 @@ def write_checkpoint(path: Path, model: torch.nn.Module, mconfig: ModelConfig, d
     try:
         save_model(model, mconfig, path, dtype=dtype, tokenizer=_DirExtras(tokenizer_dir, extra),
                    generation_config=generation)
-    except OSError as e:
-        raise CheckpointWriteError(
-            f"could not write the checkpoint {path}: {e.strerror or e}. The previous checkpoint there is intact; "
-            f"free disk space (or fix the permissions) and continue with `llmos train --out {path.parent.parent} "
-            "--resume`.") from None
+    except WRITE_ERRORS as e:
+        raise write_error(f"the checkpoint {path}", e, path.parent.parent) from None
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -144,14 +156,19 @@ def optimizer_state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` through a temporary file and a rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace `path` with `text` through a temporary file and a rename: readers see the old or the new file.
+    Raises `CheckpointWriteError` (full disk, read-only directory); `path` is then unchanged."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e, path.parent) from None
         raise
 
 

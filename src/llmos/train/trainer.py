@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -48,9 +49,9 @@ from llmos.model.config import ModelConfig
 from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
 from llmos.train import distributed as D
-from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, CheckpointWriteError, atomic_write, check_out_dir,
-                                    check_resume_config, finish_run, optimizer_state_from, read_trainer_state,
-                                    set_rng_state, trainer_state, write_checkpoint)
+from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
+                                    check_out_dir, check_resume_config, finish_run, optimizer_state_from,
+                                    read_trainer_state, set_rng_state, trainer_state, write_checkpoint, write_error)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
 from llmos.train.data import pack_documents, read_documents, split_train_val
@@ -370,10 +371,15 @@ def plot_losses(metrics_file: Path, out_png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(out_png, e, out_png.parent) from None
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -481,10 +487,19 @@ def train(c: TrainConfig) -> dict:
         if c.batch_size % info.world_size:
             raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
                                       f"the {info.world_size} processes.")
-        return _train_lm(c, out, info)
+        try:
+            return _train_lm(c, out, info)
+        except WRITE_ERRORS as e:  # a full disk or a read-only directory outside the checkpoint writers
+            if isinstance(e, OSError) and e.errno not in _WRITE_ERRNOS:
+                raise
+            raise write_error(getattr(e, "filename", None) or out, e, out) from None
     finally:
         torch.set_num_threads(threads_before)
         D.shutdown(info)
+
+
+_WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG", "EIO")
+                 if hasattr(errno, n)}
 
 
 def _checks(c: TrainConfig) -> str:
@@ -614,8 +629,11 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
 
     def log(row: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            except OSError as e:
+                raise write_error(metrics_file, e, out) from None
 
     def write_progress(state: str, step: int, tokens_per_s: float) -> None:
         if not info.is_main:
@@ -770,7 +788,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
         if info.is_main:
             try:
-                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
                 plot_losses(metrics_file, out / "loss.png")
                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
                 finish_run(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data.dir,
@@ -785,10 +803,10 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
 
 
 def _best_effort(fn: Callable[[], None]) -> None:
-    """Run `fn`, ignoring an OSError (e.g. the full disk that is the reason we are failing)."""
+    """Run `fn`, ignoring a failed write (e.g. the full disk that is the reason we are failing)."""
     try:
         fn()
-    except OSError:
+    except (*WRITE_ERRORS, CheckpointWriteError):
         pass
 
 
