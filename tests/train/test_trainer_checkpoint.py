@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -449,3 +450,32 @@ def test_a_read_only_run_directory_is_one_error_line_and_exit_2(tmp_path, text):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_run_into_a_busy_out_is_refused(tmp_path, text):
+    """Two real processes: the second `llmos train` into the same --out stops at the run lock, exit 2."""
+    common = ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--threads", "1",
+              "--set", "hidden_size=16", "--set", "num_layers=1", "--set", "num_heads=2", "--set", "num_kv_heads=1",
+              "--set", "intermediate_size=32", "--set", "vocab_size=300", "--set", "seq_len=16",
+              "--set", "batch_size=2", "--set", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "llmos.cli.train_cmd", *common, "--set", "max_steps=100000"],
+                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".run.lock"
+        for _ in range(3000):
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        result = run_cli(*common, "--set", "max_steps=2", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'run'} is being written by another llmos train (pid {first.pid}); wait for it or "
+            "choose another --out."]
+    finally:
+        first.kill()
+        first.wait()
+    from llmos.train.checkpoint import lock_run
+
+    lock_run(tmp_path / "run").release()  # a killed holder's lock is free

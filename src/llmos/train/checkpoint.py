@@ -14,6 +14,8 @@ and with LoRA `model/<parameter name>` for the trained adapters. trainer_state.j
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -170,6 +172,57 @@ def atomic_write(path: Path, text: str) -> None:
         if isinstance(e, OSError):
             raise write_error(path, e, path.parent) from None
         raise
+
+
+# ---- the run lock ----------------------------------------------------------------------------------------
+
+
+def lock_run(out: Path) -> "RunLock":
+    """Take the exclusive lock `<parent>/.<name>.lock` of the run directory `out` (fcntl.flock, so the OS drops
+    it when the process dies) with our pid in it; `RunLock.release` deletes the file and frees the lock.
+    Raises `InvalidRequestError` if another process holds it, `CheckpointWriteError` if the parent directory
+    cannot be written."""
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock_path, "a+")
+        except OSError as e:
+            raise write_error(lock_path, e) from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise write_error(lock_path, e) from None
+            raise InvalidRequestError(f"{out} is being written by another llmos train (pid {pid}); wait for it "
+                                      "or choose another --out.") from None
+        try:  # the holder we waited on may have deleted the file: lock the one at the path, not a stale inode
+            same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return RunLock(lock_path, f)
+
+
+class RunLock:
+    """A held `lock_run` lock: `release()` deletes the lock file, then closes it (which frees the lock)."""
+
+    def __init__(self, path: Path, file) -> None:
+        self.path, self.file = path, file
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
 
 
 def check_out_dir(c: TrainConfig) -> Path:

@@ -50,8 +50,9 @@ from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
 from llmos.train import distributed as D
 from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
-                                    check_out_dir, check_resume_config, finish_run, optimizer_state_from,
-                                    read_trainer_state, set_rng_state, trainer_state, write_checkpoint, write_error)
+                                    check_out_dir, check_resume_config, finish_run, lock_run,
+                                    optimizer_state_from, read_trainer_state, set_rng_state, trainer_state,
+                                    write_checkpoint, write_error)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
 from llmos.train.data import pack_documents, read_documents, split_train_val
@@ -482,8 +483,9 @@ def train(c: TrainConfig) -> dict:
     threads_before = torch.get_num_threads()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(c.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+    lock: list = []  # rank 0's open lock file (`checkpoint.lock_run`), held until the run ends
     try:
-        out = Path(_on_main(info, lambda: _checks(c)))  # fail before any work, not after it
+        out = Path(_on_main(info, lambda: _checks(c, lock)))  # fail before any work, not after it
         if c.batch_size % info.world_size:
             raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
                                       f"the {info.world_size} processes.")
@@ -494,6 +496,8 @@ def train(c: TrainConfig) -> dict:
                 raise
             raise write_error(getattr(e, "filename", None) or out, e, out) from None
     finally:
+        for held in lock:
+            held.release()
         torch.set_num_threads(threads_before)
         D.shutdown(info)
 
@@ -502,7 +506,10 @@ _WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EROFS", "EACCES", "EPERM
                  if hasattr(errno, n)}
 
 
-def _checks(c: TrainConfig) -> str:
+def _checks(c: TrainConfig, lock: list) -> str:
+    """This run's out_dir, checked under the run lock (held in `lock`)."""
+    out = Path(c.out_dir).expanduser().absolute()
+    lock.append(lock_run(out))  # first: a second run into `out` stops here, before touching anything
     out = check_out_dir(c)
     if c.init_from:
         check_init_from(c)
