@@ -452,6 +452,26 @@ def test_a_read_only_run_directory_is_one_error_line_and_exit_2(tmp_path, text):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_new_run_leaves_a_finished_run_untouched(tmp_path, text):
+    """A new run into a finished run's --out trains beside it (.run.run-PID) and is swapped in only when it
+    finishes: one that diverges leaves the old directory byte for byte as it was, and nothing beside it."""
+    train(tiny(tmp_path, max_steps=4))
+    out = tmp_path / "run"
+    before = snapshot(out)
+    assert "checkpoints/last/model.safetensors" in before and "summary.json" in before
+    with pytest.raises(llmos.errors.TrainingDivergedError):
+        train(tiny(tmp_path, lr=1e9, min_lr=1e8, grad_clip=0.0, seed=3))
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+    summary = train(tiny(tmp_path, max_steps=3))  # a new run that finishes replaces it whole
+    assert summary["steps"] == 3 and json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+
+
 def test_a_second_run_into_a_busy_out_is_refused(tmp_path, text):
     """Two real processes: the second `llmos train` into the same --out stops at the run lock, exit 2."""
     common = ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--threads", "1",

@@ -264,20 +264,38 @@ def check_resume_config(c: TrainConfig, saved: dict) -> None:
             f"--init-from {Path(c.out_dir) / 'checkpoints' / 'last'}.")
 
 
-def finish_run(out: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
-               generation: dict) -> None:
-    """Write the final checkpoint beside `out`, move the run's files into it, and swap it in for `out` whole."""
+def work_dir(out: Path, resume: bool) -> Path:
+    """Where a run into `out` trains: `out` itself, or, for a new run into a finished checkpoint, the sibling
+    `.<name>.run-<pid>`, swapped in for `out` by `finish_run` only when the run has succeeded (so a run that
+    fails or is stopped leaves the finished one untouched)."""
+    if not resume and (out / "config.json").is_file():
+        return out.parent / f".{out.name}.run-{os.getpid()}"
+    return out
+
+
+def finish_run(work: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
+               generation: dict, out: Path | None = None) -> None:
+    """Write the final checkpoint beside `out` (default `work`), move the run's files from `work` into it, and
+    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`."""
+    out = work if out is None else out
     final = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(final, ignore_errors=True)
     write_checkpoint(final, model, mconfig, dtype, tokenizer_dir, generation)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            os.replace(out / name, final / name)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
     try:
-        os.replace(final, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
+        for name in RUN_FILES:
+            if (work / name).exists():
+                os.replace(work / name, final / name)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(final, out)
+        except BaseException:
+            if old.exists():
+                os.replace(old, out)
+            raise
+    except OSError as e:
+        raise write_error(out, e, work) from None
     shutil.rmtree(old, ignore_errors=True)
+    if work != out:
+        shutil.rmtree(work, ignore_errors=True)

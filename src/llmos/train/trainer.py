@@ -52,7 +52,7 @@ from llmos.train import distributed as D
 from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
                                     check_out_dir, check_resume_config, finish_run, lock_run,
                                     optimizer_state_from, read_trainer_state, set_rng_state, trainer_state,
-                                    write_checkpoint, write_error)
+                                    work_dir, write_checkpoint, write_error)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
 from llmos.train.data import pack_documents, read_documents, split_train_val
@@ -484,17 +484,23 @@ def train(c: TrainConfig) -> dict:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(c.num_threads or max(1, (os.cpu_count() or 1) // local_world))
     lock: list = []  # rank 0's open lock file (`checkpoint.lock_run`), held until the run ends
+    work = None
     try:
-        out = Path(_on_main(info, lambda: _checks(c, lock)))  # fail before any work, not after it
+        out, work = map(Path, _on_main(info, lambda: _checks(c, lock)))  # fail before any work, not after it
         if c.batch_size % info.world_size:
             raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
                                       f"the {info.world_size} processes.")
         try:
-            return _train_lm(c, out, info)
+            return _train_lm(c, work, info, dest=out)
         except WRITE_ERRORS as e:  # a full disk or a read-only directory outside the checkpoint writers
             if isinstance(e, OSError) and e.errno not in _WRITE_ERRNOS:
                 raise
-            raise write_error(getattr(e, "filename", None) or out, e, out) from None
+            raise write_error(getattr(e, "filename", None) or work, e, work) from None
+    except BaseException as e:  # a new run beside a finished one: keep its work dir only to resume it
+        if info.is_main and work is not None and work != out and (isinstance(e, TrainingDivergedError) or not (
+                work / "checkpoints" / "last" / "trainer_state.json").is_file()):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         for held in lock:
             held.release()
@@ -506,14 +512,14 @@ _WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EROFS", "EACCES", "EPERM
                  if hasattr(errno, n)}
 
 
-def _checks(c: TrainConfig, lock: list) -> str:
-    """This run's out_dir, checked under the run lock (held in `lock`)."""
+def _checks(c: TrainConfig, lock: list) -> tuple[str, str]:
+    """(out, work dir) of this run, under the run lock (held in `lock`)."""
     out = Path(c.out_dir).expanduser().absolute()
     lock.append(lock_run(out))  # first: a second run into `out` stops here, before touching anything
     out = check_out_dir(c)
     if c.init_from:
         check_init_from(c)
-    return str(out)
+    return str(out), str(work_dir(out, c.resume))
 
 
 def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
@@ -532,7 +538,9 @@ def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
+def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = None) -> dict:
+    """The run in the directory `out`; at the end its final checkpoint replaces `dest` (default `out`) whole."""
+    dest = out if dest is None else dest
     progress, task = _progress_bar(c.progress and info.is_main, c.total_steps)
     say = progress.console.print if (c.progress and info.is_main) else (lambda *args, **kwargs: None)
     last_dir, best_dir = out / "checkpoints" / "last", out / "checkpoints" / "best"
@@ -721,7 +729,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                     if not math.isfinite(train_loss):
                         raise TrainingDivergedError(
                             f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
-                            f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
+                            + (f"{last_dir} holds the last good checkpoint, if any" if dest == out else
+                               f"{dest} is untouched") + f"); lower --lr (now {c.lr}) or keep "
                             "--grad-clip on, and start again.")
                     tokens_seen += c.tokens_per_step
                     session_tokens += c.tokens_per_step
@@ -784,11 +793,12 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                    "parameters": num_params, "vocab_size": data.vocab_size,
                    "data_tokens": sum(s["tokens"] for split in data.manifest["splits"].values() for s in split),
                    "train_tokens": len(data.train), "val_tokens": 0 if data.val is None else len(data.val),
-                   "out_dir": str(out)}
+                   "out_dir": str(dest)}
         if state == "suspended":
             write_progress("suspended", summary["steps"], tokens_per_s)
             say(f"suspended at step {summary['steps']} of {total_steps}; continue with "
-                f"`llmos train --out {out} --resume`")
+                f"`llmos train --out {out} --resume`"
+                + (f" ({dest} keeps the finished run this one was to replace)" if dest != out else ""))
             return summary
 
         # ---- the final checkpoint: Hugging Face weights at the top of the run directory -------------------------
@@ -799,7 +809,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                 plot_losses(metrics_file, out / "loss.png")
                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
                 finish_run(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data.dir,
-                           generation)
+                           generation, dest)
+                out = dest  # the final checkpoint is at `dest` now, with progress.json
             except BaseException:
                 _best_effort(lambda: write_progress("failed", total_steps, tokens_per_s))
                 raise
