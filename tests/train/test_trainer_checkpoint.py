@@ -499,3 +499,39 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, text):
     from llmos.train.checkpoint import lock_run
 
     lock_run(tmp_path / "run").release()  # a killed holder's lock is free
+
+
+def test_a_resume_cleans_what_a_killed_save_left_behind(tmp_path, text, monkeypatch):
+    """Temporary checkpoints of a dead writer (`checkpoints/.last.tmp-*`) and a dead run's final directory
+    beside --out are deleted, under the run lock, when the run is resumed."""
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    for stale in (out / "checkpoints" / ".last.tmp-x1y2", tmp_path / ".run.final-12345"):
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"half")
+    assert train(tiny(tmp_path, resume=True))["state"] == "finished"
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+
+
+def test_a_lora_run_reports_the_saved_models_parameters(tmp_path, text):
+    pytest.importorskip("peft")
+    pytest.importorskip("llmos.train.finetune")
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    summary = train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", lora_rank=4, max_steps=2))
+    saved, _ = load_model(tmp_path / "run")
+    assert summary["parameters"] == sum(p.numel() for p in {id(p): p for p in saved.parameters()}.values())
+    assert 0 < summary["trainable_parameters"] < summary["parameters"]

@@ -174,7 +174,7 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-# ---- the run lock ----------------------------------------------------------------------------------------
+# ---- the run lock and what dead runs leave behind ------------------------------------------------------
 
 
 def lock_run(out: Path) -> "RunLock":
@@ -223,6 +223,27 @@ class RunLock:
         if not self.file.closed:
             self.path.unlink(missing_ok=True)
             self.file.close()
+
+
+def _resumable(run: Path) -> bool:
+    return (run / "checkpoints" / "last" / "trainer_state.json").is_file()
+
+
+def clean_stale(out: Path) -> None:
+    """Delete what killed runs into `out` left behind; call it holding `lock_run(out)`, so every writer of
+    these is dead: temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`, `.tokenizer-*`), and beside
+    `out` its `.final-*`, `.prepare-*`, `.old-*` (only while `out` itself exists) and `.run-*` directories
+    (a work directory of a new run, kept if it holds a resumable checkpoint)."""
+    for p in (out / "checkpoints").glob(".*") if (out / "checkpoints").is_dir() else ():
+        if ".tmp-" in p.name or p.name.startswith(".tokenizer-"):
+            shutil.rmtree(p, ignore_errors=True)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind = p.name[len(out.name) + 2:].split("-", 1)[0]
+        if (kind in ("final", "prepare") or (kind == "old" and out.is_dir())
+                or (kind == "run" and not _resumable(p))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def check_out_dir(c: TrainConfig) -> Path:

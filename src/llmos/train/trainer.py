@@ -50,7 +50,7 @@ from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
 from llmos.train import distributed as D
 from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
-                                    check_out_dir, check_resume_config, finish_run, lock_run,
+                                    check_out_dir, check_resume_config, clean_stale, finish_run, lock_run,
                                     optimizer_state_from, read_trainer_state, set_rng_state, trainer_state,
                                     work_dir, write_checkpoint, write_error)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
@@ -513,10 +513,11 @@ _WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EROFS", "EACCES", "EPERM
 
 
 def _checks(c: TrainConfig, lock: list) -> tuple[str, str]:
-    """(out, work dir) of this run, under the run lock (held in `lock`)."""
+    """(out, work dir) of this run, under the run lock (held in `lock`), with stale temporaries cleaned."""
     out = Path(c.out_dir).expanduser().absolute()
     lock.append(lock_run(out))  # first: a second run into `out` stops here, before touching anything
     out = check_out_dir(c)
+    clean_stale(out)
     if c.init_from:
         check_init_from(c)
     return str(out), str(work_dir(out, c.resume))
@@ -598,7 +599,11 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
             model.load_state_dict(saved.state_dict())
             del saved
         set_rng_state(state_meta["rng"], state_tensors)
-    num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    num_params = sum(p.numel() for p in unique)  # the model trained (with LoRA: base + adapters), for FLOPs
+    trainable_params = sum(p.numel() for p in unique if p.requires_grad)
+    # the saved model's count: a LoRA model is saved merged, so its adapters (and only they) drop out
+    saved_params = num_params - trainable_params if c.lora_rank > 0 else num_params
     model.to(info.device)
     wrapped = D.wrap(model, info, c.dist)
     optimizer = make_optimizer(wrapped, c, fused=not info.distributed)
@@ -638,7 +643,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
         rows = metrics_file.read_text().splitlines() if (c.resume and metrics_file.is_file()) else []
         atomic_write(metrics_file, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= start))
     metrics = metrics_file.open("a") if info.is_main else None
-    say(f"model: {mconfig.model_type}, {num_params:,} parameters; {total_steps} steps x {c.tokens_per_step:,} tokens "
+    counted_as = f"{saved_params:,} parameters" + (f", {trainable_params:,} trainable (LoRA)" if c.lora_rank > 0 else "")
+    say(f"model: {mconfig.model_type}, {counted_as}; {total_steps} steps x {c.tokens_per_step:,} tokens "
         f"= {total_steps * c.tokens_per_step:,} tokens on {info.world_size} x {info.device.type}"
         + (f"; resuming at step {start}" if start else ""))
 
@@ -790,7 +796,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
                    "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
                    "train_loss": _finite(train_loss), "val_loss": val_loss,
                    "val_perplexity": None if val_loss is None else math.exp(val_loss), "best_val_loss": best_val,
-                   "parameters": num_params, "vocab_size": data.vocab_size,
+                   "parameters": saved_params, "trainable_parameters": trainable_params, "vocab_size": data.vocab_size,
                    "data_tokens": sum(s["tokens"] for split in data.manifest["splits"].values() for s in split),
                    "train_tokens": len(data.train), "val_tokens": 0 if data.val is None else len(data.val),
                    "out_dir": str(dest)}
