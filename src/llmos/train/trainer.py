@@ -163,7 +163,7 @@ def _data_modules():
     return (bpe, shards) if hasattr(bpe, "prepare_tokenizer") else None
 
 
-def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
+def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_dir: Path | None = None) -> None:
     """Train (or reuse) the tokenizer into `out/checkpoints/tokenizer/` and tokenize `c.data` into token shards
     in `out/data/` (the layout of `llmos.train.shards`; the tokenizer stays out of the shard folder, which
     holds shards only). Both are built in a temporary directory beside `out` and renamed into place, so bad
@@ -171,6 +171,9 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
 
     With `llmos.train.shards`: any source format, streaming, SFT masks (`bpe.prepare_tokenizer`,
     `shards.prepare_shards`). Without it: .txt/.md files read whole (`data.py`), one shard file per split.
+    `shards_dir` (needs `llmos.train.shards`): the shards go there instead, in place: a manifest that matches
+    `c.data` and the settings (`shards.prepare_shards`' fingerprint) is reused, anything else is re-prepared.
+
     Raises `DataError` (missing, empty, binary or too little data; a too-small vocabulary).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,15 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
     try:
         tok_tmp, data_tmp = tmp / "tokenizer", tmp / "data"
         modules = _data_modules()
+        if shards_dir is not None:
+            if modules is None:
+                raise InvalidRequestError("--shards-dir with --data needs llmos.train.shards, which this "
+                                          "installation lacks; update llmos, or drop --data to reuse the shards.")
+            _prepare_shards(c, modules, tok_tmp, shards_dir, say)
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out / "checkpoints" / "tokenizer", ignore_errors=True)
+            os.replace(tok_tmp, out / "checkpoints" / "tokenizer")
+            return
         if modules is not None:
             _prepare_shards(c, modules, tok_tmp, data_tmp, say)
         else:
@@ -560,6 +572,9 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
             if not c.shards_dir:
                 prepare_data(c, out, say)  # first: bad data must leave nothing behind
                 fresh = [p for p in fresh if p.name not in ("data", "checkpoints")]
+            elif c.data:  # prepare (or reuse, if they match --data and the settings) the shards in shards_dir
+                prepare_data(c, out, say, shards_dir=data_dir)
+                fresh = [p for p in fresh if p.name != "checkpoints"]
             for p in fresh:  # the files of an earlier run in this directory
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
@@ -567,7 +582,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
             for p in (out / "checkpoints").iterdir():
                 if p.name != "tokenizer":
                     shutil.rmtree(p)
-            if c.shards_dir:
+            if c.shards_dir and not c.data:  # shards_dir as it is: the tokenizer that made them
                 adopt_tokenizer(c, data_dir, tok_dir)
         save_config(dataclasses.replace(c, resume=False), out / "config.yaml")  # the run, not this invocation
         for need in (data_dir / "manifest.json", tok_dir / "tokenizer.json"):
