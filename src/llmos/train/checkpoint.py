@@ -1,8 +1,10 @@
 """Checkpoints and the run directory: atomic Hugging Face checkpoints with the resumable trainer state,
-reading that state back, the checks that keep a run from overwriting what it must not, and the final swap.
+reading that state back, the checks that keep a run from overwriting what it must not, the run lock
+(one writer per --out), the cleanup of what dead runs left, and the final swap.
 
 Owns the on-disk format of `checkpoints/last` (trainer_state.json + trainer_state.safetensors) and the
-rule that every write is a temporary directory renamed into place. Never trains and never unpickles:
+rule that every write is a temporary directory renamed into place, and that a failed write is one
+`CheckpointWriteError` (never a bare OSError or SafetensorError). Never trains and never unpickles:
 tensors go to safetensors, everything else to JSON.
 
 trainer_state.safetensors: `optimizer/<parameter name>/<key>` (AdamW's step, exp_avg, exp_avg_sq; names,
