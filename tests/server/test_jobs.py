@@ -536,12 +536,6 @@ def test_train_detach_without_a_daemon_is_one_line_and_exit_2(tmp_path, monkeypa
 
 # ---- the real trainer ------------------------------------------------------------------------------------------
 
-needs_trainer = pytest.mark.skipif(
-    importlib.util.find_spec("llmos.train.config") is None,
-    reason="needs the trainer part of issue 5 (llmos.train.config: train_cmd --config/--resume, progress.json, "
-           "SIGUSR1 = checkpoint and stop)")
-
-
 def tiny_train_config(tmp_path: Path, **overrides) -> dict:
     from llmos.train.config import TrainConfig
 
@@ -568,7 +562,6 @@ def real_daemon(server):
     jobs.command, jobs.suspend_timeout_s = before
 
 
-@needs_trainer
 def test_real_trainer_job_shows_progress_finishes_and_its_checkpoint_loads(real_daemon, tmp_path, monkeypatch):
     """The whole path from the shell: `llmos train --detach` -> the job in `llmos ps` with its progress -> finished
     -> the run directory loads as a model."""
@@ -602,7 +595,6 @@ def test_real_trainer_job_shows_progress_finishes_and_its_checkpoint_loads(real_
     assert config.num_layers == 2 and config.hidden_size == 32
 
 
-@needs_trainer
 def test_real_trainer_job_suspends_resumes_logs_and_is_killed(real_daemon, tmp_path):
     with httpx.Client(base_url=real_daemon.url, timeout=300) as api:
         row = submit_config(api, tiny_train_config(tmp_path, max_steps=400, save_interval=0))
@@ -626,7 +618,6 @@ def submit_config(api, config: dict) -> dict:
     return r.json()
 
 
-@needs_trainer
 def test_real_trainer_sigterm_to_llmos_serve_suspends_its_jobs(tmp_path):
     """`llmos serve` as a process: SIGTERM suspends the running job at a checkpoint before the daemon exits."""
     port = _conftest.free_port()

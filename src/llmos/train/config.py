@@ -182,9 +182,9 @@ class TrainConfig:
                 "directory written by `llmos train` or a Hugging Face model directory.")
         if self.tokenizer is not None and not (Path(self.tokenizer) / "tokenizer.json").is_file():
             bad(f"--tokenizer {self.tokenizer} has no tokenizer.json; pass a model or tokenizer directory.")
-        if self.shards_dir is not None and not (Path(self.shards_dir) / "manifest.json").is_file():
-            bad(f"--shards-dir {self.shards_dir} has no manifest.json; point it at the data/ folder of an earlier "
-                "run (or prepared shards), or leave it out to prepare the data into <out>/data.")
+        if self.shards_dir is not None and not self.data and not (Path(self.shards_dir) / "manifest.json").is_file():
+            bad(f"--shards-dir {self.shards_dir} has no manifest.json and no --data was given to prepare there; "
+                "point it at the data/ folder of an earlier run (or prepared shards), or add --data.")
 
     # ---- dict / file round trip ------------------------------------------------------------------------
 
