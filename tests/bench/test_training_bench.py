@@ -194,6 +194,11 @@ def test_fused_adamw_equals_the_default_adamw():
 
 
 def test_tune_allocator_reuses_pages_for_large_tensors():
+    """After tune_allocator a training-like step (tensors of 24, 8 and 3 MiB, allocated and freed) reuses the heap's
+    pages: some step of eight page-faults (almost) never, where fresh memory would fault 8,960 times. The fewest
+    faults of several steps, not one step's count: a single 24 MiB block may not fit back into its own freed,
+    alignment-trimmed hole, and that (and a loaded machine) made a one-step count flaky. (Not compared with an
+    untuned process: glibc's dynamic mmap threshold lets one reach the same steady state for sizes that repeat.)"""
     import subprocess
     import sys
 
@@ -201,17 +206,16 @@ def test_tune_allocator_reuses_pages_for_large_tensors():
 import resource, torch
 from llmos.train import fast
 assert fast.tune_allocator()
-def faults(n):
+def step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(n, dtype=torch.uint8).fill_(1)
-    del x
+    xs = [torch.empty(n, dtype=torch.uint8).fill_(1) for n in (24 * 2**20, 8 * 2**20, 3 * 2**20)]
+    del xs
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-n = 24 * 2**20
-faults(n)
-print(faults(n))
+step()
+print(min(step() for _ in range(8)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) < 100  # a fresh mmap of 24 MiB page-faults 6,144 times
+    assert int(out.stdout.split()[-1]) < 100
 
 
 def test_compile_model_compiles_the_body_and_keeps_the_results():
