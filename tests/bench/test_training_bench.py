@@ -66,12 +66,37 @@ def test_lr_schedule_is_the_trainers_and_transformers():
         sched.step()
 
 
-def test_batches_are_seeded_windows_of_the_stream():
-    stream = torch.arange(1000).numpy()
-    a, b = tb.make_batches(stream, 3, 4, 16, seed=0), tb.make_batches(stream, 3, 4, 16, seed=0)
-    assert a.shape == (3, 4, 17) and (a == b).all()
-    assert ((a[..., 1:] - a[..., :-1]) == 1).all()  # contiguous windows
-    assert not (tb.make_batches(stream, 3, 4, 16, seed=1) == a).all()
+def test_llmos_is_the_trainer_and_the_peers_get_its_windows(quick_run):
+    """The llmos job ran `llmos train` itself (a run directory with metrics.jsonl, summary.json and the final
+    checkpoint), and batches.npy, which the peers train on, holds the windows its BatchSampler drew."""
+    import numpy as np
+
+    results, out = quick_run
+    work = out / "train-work"
+    run = work / "runs" / "llmos-r1"
+    assert (run / "summary.json").is_file() and (run / "model.safetensors").is_file()
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["train_loss"] for r in train_rows] == results["runs"]["llmos"][0]["losses"]
+    assert [r for r in rows if "val_loss" in r][0]["step"] == 3  # evaluated once, after the last (timed) step
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    spec = tb._spec(tb.TrainBenchConfig(**{k: v for k, v in results["config"].items()
+                                           if k in ("steps", "batch_size", "seq_len", "seed")}),
+                    "llmos", work / "init", work / "batches.npy")
+    drawn = tb.trainer_windows(run / "data", run / "checkpoints" / "tokenizer", spec)
+    assert (drawn == np.load(work / "batches.npy")).all()
+    for r in results["runs"]["llmos"]:  # times from metrics.jsonl: consistent with its (rounded) elapsed_s
+        assert sum(r["step_s"]) == pytest.approx(train_rows[-1]["elapsed_s"] - train_rows[0]["elapsed_s"], abs=0.02)
+
+
+def test_windows_are_shifted_targets():
+    import numpy as np
+
+    w = np.arange(20).reshape(2, 10)
+    assert (tb._windows(w[:, :-1], w[:, 1:]) == w).all()
+    with pytest.raises(RuntimeError, match="shifted"):
+        tb._windows(w[:, :-1], w[:, :-1])
 
 
 @pytest.mark.parametrize("name, expected", [
