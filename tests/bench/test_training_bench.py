@@ -88,6 +88,8 @@ def test_llmos_is_the_trainer_and_the_peers_get_its_windows(quick_run):
     assert (drawn == np.load(work / "batches.npy")).all()
     for r in results["runs"]["llmos"]:  # times from metrics.jsonl: consistent with its (rounded) elapsed_s
         assert sum(r["step_s"]) == pytest.approx(train_rows[-1]["elapsed_s"] - train_rows[0]["elapsed_s"], abs=0.02)
+        assert any(abs(100 * x - round(100 * x)) > 1e-6 for x in r["step_s"])  # finer than elapsed_s's 10 ms
+        assert r["step_cpu_s"] and all(x > 0 for x in r["step_cpu_s"])
 
 
 def test_windows_are_shifted_targets():
