@@ -282,7 +282,8 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...], run_dir: Path) -> di
             "notes": f"llmos.train.trainer.train (llmos train: init_from, log_interval 1, evaluation after the last "
                      f"step) + levers {', '.join(levers) or 'none'}; AdamW "
                      f"{'fused' if 'fused-adamw' in levers else 'for-loop (torch default)'}; loss "
-                     f"{'fused LM head + chunked cross-entropy' if fused else 'F.cross_entropy on full logits'}"}
+                     f"{'fused LM head + chunked cross-entropy' if fused else 'F.cross_entropy on full logits'}; "
+                     "its peak RSS includes the run's end (a validation batch on full logits, the checkpoints)"}
 
 
 def run_torch_loop(spec: dict, batches) -> dict:
