@@ -276,6 +276,8 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...], run_dir: Path) -> di
     if drawn.shape != tuple(batches.shape) or not (drawn == batches.numpy()).all():
         raise RuntimeError("llmos's trainer drew other windows than the peers were given")
     first = cpu_marks[1][0] - t_call[0] if 1 in cpu_marks else walls[1]
+    for weights in [run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best", *run_dir.glob("*.safetensors")]:
+        shutil.rmtree(weights) if weights.is_dir() else weights.unlink(missing_ok=True)  # ~100 MB a run, unused
     fused = "fused-ce" in levers
     return {"losses": [r["train_loss"] for r in rows], "lrs": [r["lr"] for r in rows], "walls": walls,
             "cpus": cpus, "first_step_s": first, "val_loss": summary.get("val_loss"),
