@@ -66,12 +66,39 @@ def test_lr_schedule_is_the_trainers_and_transformers():
         sched.step()
 
 
-def test_batches_are_seeded_windows_of_the_stream():
-    stream = torch.arange(1000).numpy()
-    a, b = tb.make_batches(stream, 3, 4, 16, seed=0), tb.make_batches(stream, 3, 4, 16, seed=0)
-    assert a.shape == (3, 4, 17) and (a == b).all()
-    assert ((a[..., 1:] - a[..., :-1]) == 1).all()  # contiguous windows
-    assert not (tb.make_batches(stream, 3, 4, 16, seed=1) == a).all()
+def test_llmos_is_the_trainer_and_the_peers_get_its_windows(quick_run):
+    """The llmos job ran `llmos train` itself (a finished run directory with metrics.jsonl and summary.json; the
+    job deletes its weights), and batches.npy, which the peers train on, holds the windows its BatchSampler drew."""
+    import numpy as np
+
+    results, out = quick_run
+    work = out / "train-work"
+    run = work / "runs" / "llmos-r1"
+    assert json.loads((run / "summary.json").read_text())["state"] == "finished"
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["train_loss"] for r in train_rows] == results["runs"]["llmos"][0]["losses"]
+    assert [r for r in rows if "val_loss" in r][0]["step"] == 3  # evaluated once, after the last (timed) step
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    spec = tb._spec(tb.TrainBenchConfig(**{k: v for k, v in results["config"].items()
+                                           if k in ("steps", "batch_size", "seq_len", "seed")}),
+                    "llmos", work / "init", work / "batches.npy")
+    drawn = tb.trainer_windows(run / "data", run / "checkpoints" / "tokenizer", spec)
+    assert (drawn == np.load(work / "batches.npy")).all()
+    for r in results["runs"]["llmos"]:  # times from metrics.jsonl: consistent with its (rounded) elapsed_s
+        assert sum(r["step_s"]) == pytest.approx(train_rows[-1]["elapsed_s"] - train_rows[0]["elapsed_s"], abs=0.02)
+        assert any(abs(100 * x - round(100 * x)) > 1e-6 for x in r["step_s"])  # finer than elapsed_s's 10 ms
+        assert r["step_cpu_s"] and all(x > 0 for x in r["step_cpu_s"])
+
+
+def test_windows_are_shifted_targets():
+    import numpy as np
+
+    w = np.arange(20).reshape(2, 10)
+    assert (tb._windows(w[:, :-1], w[:, 1:]) == w).all()
+    with pytest.raises(RuntimeError, match="shifted"):
+        tb._windows(w[:, :-1], w[:, :-1])
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -194,6 +221,11 @@ def test_fused_adamw_equals_the_default_adamw():
 
 
 def test_tune_allocator_reuses_pages_for_large_tensors():
+    """After tune_allocator a training-like step (tensors of 24, 8 and 3 MiB, allocated and freed) reuses the heap's
+    pages: some step of eight page-faults (almost) never, where fresh memory would fault 8,960 times. The fewest
+    faults of several steps, not one step's count: a single 24 MiB block may not fit back into its own freed,
+    alignment-trimmed hole, and that (and a loaded machine) made a one-step count flaky. (Not compared with an
+    untuned process: glibc's dynamic mmap threshold lets one reach the same steady state for sizes that repeat.)"""
     import subprocess
     import sys
 
@@ -201,17 +233,16 @@ def test_tune_allocator_reuses_pages_for_large_tensors():
 import resource, torch
 from llmos.train import fast
 assert fast.tune_allocator()
-def faults(n):
+def step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(n, dtype=torch.uint8).fill_(1)
-    del x
+    xs = [torch.empty(n, dtype=torch.uint8).fill_(1) for n in (24 * 2**20, 8 * 2**20, 3 * 2**20)]
+    del xs
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-n = 24 * 2**20
-faults(n)
-print(faults(n))
+step()
+print(min(step() for _ in range(8)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) < 100  # a fresh mmap of 24 MiB page-faults 6,144 times
+    assert int(out.stdout.split()[-1]) < 100
 
 
 def test_compile_model_compiles_the_body_and_keeps_the_results():

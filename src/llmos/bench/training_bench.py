@@ -4,12 +4,14 @@ clipping, fp32 and thread count.
 
 Owns the workload (shape, token stream, batches, the initial checkpoint), the timed jobs (each system alone in
 a fresh process: `python -m llmos.bench.training_bench SPEC OUT`), and the report (table, loss-curve figure, the
-docs/benchmarks.md section). Never changes how llmos trains: the llmos job calls the trainer's own pieces
-through one adapter, `llmos_train_step`, plus the `llmos.train.fast` helpers the trainer's loop uses.
+docs/benchmarks.md section). Never changes how llmos trains: the llmos job runs `llmos.train.trainer.train` itself
+(what `llmos train` runs) and reads its step times and losses from the run's metrics.jsonl; the peers are fed the
+very windows the trainer's `BatchSampler` draws.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -128,35 +130,77 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float) -> float:
 # ---- the workload -----------------------------------------------------------------------------------------------
 
 
-def token_stream() -> tuple[np.ndarray, int, str]:
-    """The bundled default model's held-out text encoded with its tokenizer, documents separated by
-    `<|endoftext|>` as `llmos.train.data` packs them: `[num_tokens]` int64, the vocabulary size, the source."""
-    from tokenizers import Tokenizer
+DATA_SOURCE = "src/llmos/assets/default-model/heldout.txt"
 
+
+def data_file() -> Path:
+    """The benchmark's text: the bundled default model's held-out text."""
     from llmos.bench.checkpoints import default_model_dir
 
-    d = default_model_dir()
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    eot = tok.token_to_id("<|endoftext|>")
-    text = (d / "heldout.txt").read_text(encoding="utf-8")
-    ids = tok.encode(text, add_special_tokens=False).ids
-    source = "src/llmos/assets/default-model/heldout.txt"
-    return np.array([eot, *ids, eot], dtype=np.int64), tok.get_vocab_size(), source
+    return default_model_dir() / "heldout.txt"
 
 
-def make_batches(stream: np.ndarray, steps: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
-    """`[steps, batch, seq_len + 1]` int64 windows at uniformly random offsets (`np.random.default_rng(seed)`), as
-    `llmos.train.data.get_batch` draws them. Inputs are `[..., :-1]`, targets `[..., 1:]`."""
-    if len(stream) <= seq_len + 1:
-        raise InvalidRequestError(f"--seq-len {seq_len} needs more than {len(stream)} tokens of text.")
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(stream) - seq_len, size=(steps, batch_size))
-    return np.stack([[stream[s:s + seq_len + 1] for s in row] for row in starts]).astype(np.int64)
+def trainer_config(spec: dict, out_dir: Path, compile: bool = False):
+    """The llmos `TrainConfig` of a benchmark run: what `llmos train --init-from INIT --data TEXT ...` gets. One
+    micro-batch per step, fp32 on the CPU, no warmup (see `lr_at`), a metrics row every step, no checkpoint before
+    the end, one validation pass (one batch) after the last step, so that no timed step evaluates or saves."""
+    from llmos.train.trainer import TrainConfig
+
+    steps = spec["steps"]
+    return TrainConfig(data=[str(data_file())], init_from=spec["model_dir"], out_dir=str(out_dir), arch="llama",
+                       batch_size=spec["batch_size"], seq_len=spec["seq_len"], max_steps=steps, lr=spec["lr"],
+                       min_lr=spec["min_lr"], warmup_steps=0, weight_decay=spec["weight_decay"], beta1=spec["beta1"],
+                       beta2=spec["beta2"], grad_clip=spec["grad_clip"], grad_accum=1, dtype="float32", device="cpu",
+                       num_threads=spec["threads"], seed=spec["seed"], log_interval=1, eval_interval=steps + 1,
+                       eval_steps=1, save_interval=0, compile=compile, progress=False)
+
+
+def trainer_windows(data_dir: Path, tok_dir: Path, spec: dict) -> np.ndarray:
+    """`[steps, batch, seq_len + 1]` int64: the windows llmos's trainer trains on at steps 0..steps-1 (its
+    `BatchSampler` over the prepared training split, seed `spec["seed"]`, the training stream, micro-step 0, one
+    process). Inputs are `[..., :-1]`, targets `[..., 1:]` (plain text: every target counts)."""
+    from llmos.train.loader import BatchSampler
+    from llmos.train.trainer import open_data
+
+    data = open_data(data_dir, tok_dir)
+    sampler = BatchSampler(data.train, spec["batch_size"], spec["seq_len"], spec["seed"])
+    out = []
+    for step in range(spec["steps"]):
+        batch = sampler.batch(step, 0)
+        if batch.num_targets != batch.targets.numel():
+            raise RuntimeError("the benchmark's text has masked targets; it needs plain text")
+        out.append(_windows(batch.inputs.numpy(), batch.targets.numpy()))
+    return np.stack(out).astype(np.int64)
+
+
+def _windows(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`[rows, T]` inputs and their `[rows, T]` next-token targets -> `[rows, T + 1]` windows."""
+    if not (inputs[:, 1:] == targets[:, :-1]).all():
+        raise RuntimeError("targets are not the inputs shifted by one token")
+    return np.concatenate([inputs, targets[:, -1:]], axis=1)
+
+
+def prepare_batches(c: "TrainBenchConfig", init_dir: Path, work: Path) -> tuple[np.ndarray, dict]:
+    """Prepare the benchmark's text as `llmos train` does (`prepare_data` with the initial checkpoint's tokenizer,
+    into `work/prep`) and return the windows its trainer will draw (`trainer_windows`) and facts for the report."""
+    from llmos.train.trainer import open_data, prepare_data
+
+    spec = _spec(c, "llmos", init_dir, work / "batches.npy")
+    prep = work / "prep"
+    prepare_data(trainer_config(spec, prep), prep, lambda *a, **k: None)
+    data_dir, tok_dir = prep / "data", prep / "checkpoints" / "tokenizer"
+    data = open_data(data_dir, tok_dir)
+    if len(data.train) <= c.seq_len + 1:
+        raise InvalidRequestError(f"--seq-len {c.seq_len} needs more than {len(data.train)} tokens of text.")
+    facts = {"vocab_size": data.vocab_size, "stream_tokens": len(data.train),
+             "val_tokens": 0 if data.val is None else len(data.val)}
+    return trainer_windows(data_dir, tok_dir, spec), facts
 
 
 def write_initial_checkpoint(path: Path, shape: TrainShape, vocab_size: int, seq_len: int, seed: int) -> int:
     """A transformers `LlamaForCausalLM` with its own random init (`torch.manual_seed(seed)`, normal(0, 0.02)),
-    saved as a Hugging Face checkpoint that every system loads. Returns the number of parameters."""
+    saved as a Hugging Face checkpoint (with the bundled tokenizer) that every system loads. Returns the number of
+    parameters."""
     import torch
     import transformers as T
 
@@ -169,86 +213,79 @@ def write_initial_checkpoint(path: Path, shape: TrainShape, vocab_size: int, seq
     model = T.LlamaForCausalLM(config).to(torch.float32)
     T.utils.logging.disable_progress_bar()
     model.save_pretrained(path)
+    from llmos.bench.checkpoints import default_model_dir
+    from llmos.train.checkpoint import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:  # its tokenizer: the bundled model's (what --init-from needs)
+        if (default_model_dir() / name).is_file():
+            shutil.copy2(default_model_dir() / name, path / name)
     return sum(p.numel() for p in model.parameters())
 
 
 # ---- the jobs (each in its own process) -------------------------------------------------------------------------
 
 
-def _train_config(spec: dict):
-    """The llmos `TrainConfig` of the benchmark's settings (one micro-batch per step, fp32, no warmup)."""
-    from llmos.train.trainer import TrainConfig
+def run_llmos(spec: dict, batches, levers: tuple[str, ...], run_dir: Path) -> dict:
+    """`llmos train` itself: `llmos.train.trainer.train(trainer_config(...))` from the initial checkpoint on the
+    benchmark's text, in `run_dir`, after `llmos.train.fast.tune_allocator()` as the CLI calls it (the `malloc`
+    lever). Its losses, learning rates and step times come from the run's metrics.jsonl: a step's time is the
+    difference of consecutive rows' elapsed seconds (recomputed as tokens / tokens_per_s, which the row holds to
+    0.1 token/s, where elapsed_s is rounded to 10 ms). CPU time per step: `time.process_time()` when the trainer
+    rewrites progress.json after each step's row (a wrapper around its `atomic_write` that only records).
 
-    return TrainConfig(batch_size=spec["batch_size"], seq_len=spec["seq_len"], max_steps=spec["steps"],
-                       lr=spec["lr"], min_lr=spec["min_lr"], warmup_steps=0, weight_decay=spec["weight_decay"],
-                       beta1=spec["beta1"], beta2=spec["beta2"], grad_clip=spec["grad_clip"], grad_accum=1,
-                       dtype="float32", num_threads=spec["threads"], progress=False)
+    `llmos-base` and lever subsets switch the trainer's own choices off where it makes them: no fused loss
+    (`fused_loss_module` -> None: `F.cross_entropy` on the full logits) and torch's default AdamW
+    (`make_optimizer(fused=False)`). Checks that the run trained on `batches` (the windows the peers get)."""
+    from llmos.train import trainer
 
-
-def llmos_setup(model_dir: str, spec: dict, levers: tuple[str, ...]):
-    """llmos's model and optimizer for the run, built by the trainer's own functions (`make_optimizer`'s parameter
-    groups; fused AdamW from `llmos.train.fast` with the lever). Returns (model, optimizer, TrainConfig)."""
-    from llmos.model.loader import load_model
-    from llmos.train import fast
-    from llmos.train.trainer import make_optimizer
-
-    c = _train_config(spec)
     if "malloc" in levers:
+        from llmos.train import fast
+
         fast.tune_allocator()
-    model, _ = load_model(model_dir)
-    model.train()
-    optimizer = make_optimizer(model, c)
-    if "fused-adamw" in levers:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer = fast.make_fused_adamw(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
-    if "compile" in levers:
-        model = fast.compile_model(model)
-    return model, optimizer, c
+    if "fused-ce" not in levers:
+        trainer.fused_loss_module = lambda *args, **kwargs: None
+    if "fused-adamw" not in levers:
+        make_optimizer = trainer.make_optimizer
+        trainer.make_optimizer = lambda model, c, fused=False: make_optimizer(model, c, fused=False)
+    cpu_marks: dict[int, tuple[float, float]] = {}
+    atomic_write = trainer.atomic_write
 
+    def recording_write(path, text):
+        if Path(path).name == "progress.json":
+            mark = _now()
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                step = json.loads(text)["step"]
+                cpu_marks.setdefault(step, mark)
+        return atomic_write(path, text)
 
-def llmos_train_step(model, optimizer, batch, step: int, c, levers: tuple[str, ...]) -> float:
-    """THE ADAPTER: one optimizer step of `llmos.train.trainer`'s loop (one micro-batch, fp32), on `batch`
-    `[B, T + 1]`; returns the step's loss. Mirrors the loop line for line (learning rate from its `get_lr`, loss,
-    backward, clipping, step, zero_grad), with the `fused-ce` lever's loss `llmos.train.fast.causal_lm_loss` in
-    place of `F.cross_entropy` on the full logits. When the trainer's loop changes, change this function only."""
-    import torch
-    import torch.nn.functional as F
-
-    from llmos.train import fast
-    from llmos.train.trainer import get_lr
-
-    lr = get_lr(step, c)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if "fused-ce" in levers:
-        loss = fast.causal_lm_loss(model, batch[:, :-1], batch[:, 1:])
-    else:
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    loss.backward()
-    if c.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def run_llmos(spec: dict, batches, levers: tuple[str, ...]) -> dict:
-    from llmos.train.trainer import get_lr
-
-    model, optimizer, c = llmos_setup(spec["model_dir"], spec, levers)
-    losses, lrs, ends = [], [], []
-    for step in range(spec["steps"]):
-        lrs.append(get_lr(step, c))
-        losses.append(llmos_train_step(model, optimizer, batches[step], step, c, levers))
-        ends.append(_now())
-    opt = optimizer.defaults
-    impl = "fused" if opt.get("fused") else "foreach" if opt.get("foreach") else "for-loop (torch's CPU default)"
-    loss = "fused LM head + chunked cross-entropy" if "fused-ce" in levers else "F.cross_entropy on full logits"
-    return {"losses": losses, "lrs": lrs, "step_end_s": ends,
-            "notes": f"llmos.train.trainer (make_optimizer, get_lr, the loop's step) + levers "
-                     f"{', '.join(levers) or 'none'}; AdamW {impl}; loss "
-                     f"{loss}"}
+    trainer.atomic_write = recording_write
+    c = trainer_config(spec, run_dir, compile="compile" in levers)
+    t_call = _now()
+    summary = trainer.train(c)
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "train_loss" in r]
+    if [r["step"] for r in rows] != list(range(1, spec["steps"] + 1)):
+        raise RuntimeError(f"metrics.jsonl holds train rows for steps {[r['step'] for r in rows]}, "
+                           f"not 1..{spec['steps']}")
+    walls = [0.0] + [r["elapsed_s"] for r in rows]
+    precise = [0.0] + [r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") else -1.0 for r in rows]
+    if all(abs(a - b) <= 0.0051 for a, b in zip(walls, precise)):  # the rate is the run's tokens / elapsed
+        walls = precise
+    cpus = [cpu_marks[k][1] if k in cpu_marks else None for k in range(spec["steps"] + 1)]
+    drawn = trainer_windows(run_dir / "data", run_dir / "checkpoints" / "tokenizer", spec)
+    if drawn.shape != tuple(batches.shape) or not (drawn == batches.numpy()).all():
+        raise RuntimeError("llmos's trainer drew other windows than the peers were given")
+    first = cpu_marks[1][0] - t_call[0] if 1 in cpu_marks else walls[1]
+    for weights in [run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best", *run_dir.glob("*.safetensors")]:
+        shutil.rmtree(weights) if weights.is_dir() else weights.unlink(missing_ok=True)  # ~100 MB a run, unused
+    fused = "fused-ce" in levers
+    return {"losses": [r["train_loss"] for r in rows], "lrs": [r["lr"] for r in rows], "walls": walls,
+            "cpus": cpus, "first_step_s": first, "val_loss": summary.get("val_loss"),
+            "notes": f"llmos.train.trainer.train (llmos train: init_from, log_interval 1, evaluation after the last "
+                     f"step) + levers {', '.join(levers) or 'none'}; AdamW "
+                     f"{'fused' if 'fused-adamw' in levers else 'for-loop (torch default)'}; loss "
+                     f"{'fused LM head + chunked cross-entropy' if fused else 'F.cross_entropy on full logits'}; "
+                     "its peak RSS includes the run's end (a validation batch on full logits, the checkpoints)"}
 
 
 def run_torch_loop(spec: dict, batches) -> dict:
@@ -278,7 +315,7 @@ def run_torch_loop(spec: dict, batches) -> dict:
         losses.append(loss.item())
         lrs.append(lr)
         ends.append(_now())
-    return {"losses": losses, "lrs": lrs, "step_end_s": ends,
+    return {"losses": losses, "lrs": lrs, "ends": ends,
             "notes": "transformers LlamaForCausalLM (sdpa), torch.optim.AdamW defaults (for-loop on CPU), "
                      "model(input_ids, labels, shift_labels).loss"}
 
@@ -328,14 +365,14 @@ def run_hf_trainer(spec: dict, batches, compile: bool = False) -> dict:
         trainer.train()
     optim = trainer.args.optim
     logs = sorted(record.logs, key=lambda r: r["step"])
-    return {"losses": [r["loss"] for r in logs], "lrs": [r["learning_rate"] for r in logs], "step_end_s": record.ends,
+    return {"losses": [r["loss"] for r in logs], "lrs": [r["learning_rate"] for r in logs], "ends": record.ends,
             "notes": f"transformers Trainer, optim={getattr(optim, 'value', optim)}, lr_scheduler=cosine_with_min_lr, "
                      f"logging_steps=1, no eval/saving, use_cpu=True, torch_compile={compile}"}
 
 
 def run_job(spec: dict) -> dict:
-    """Run one system's training (in this process) and return its losses, learning rates, step end times,
-    tokens/s and peak RSS. `spec` is the JSON the parent writes (see `_spec`)."""
+    """Run one system's training (in this process) and return its losses, learning rates, step times, tokens/s
+    and peak RSS. `spec` is the JSON the parent writes (see `_spec`)."""
     import torch
 
     torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
@@ -344,22 +381,25 @@ def run_job(spec: dict) -> dict:
     kind, levers = parse_system(spec["system"])
     t0 = _now()
     if kind == "llmos":
-        raw = run_llmos(spec, batches, levers)
-    elif kind == "torch-loop":
-        raw = run_torch_loop(spec, batches)
+        raw = run_llmos(spec, batches, levers, Path(spec["run_dir"]))
     else:
-        raw = run_hf_trainer(spec, batches, compile="compile" in levers)
-    ends, w = raw["step_end_s"], spec["warmup_steps"]
-    if len(ends) != spec["steps"] or len(raw["losses"]) != spec["steps"]:
-        raise RuntimeError(f"{spec['system']}: recorded {len(ends)} step times and {len(raw['losses'])} losses "
+        raw = run_torch_loop(spec, batches) if kind == "torch-loop" else run_hf_trainer(spec, batches,
+                                                                                         "compile" in levers)
+        marks = [t0, *raw.pop("ends")]
+        raw.update(walls=[m[0] - t0[0] for m in marks], cpus=[m[1] for m in marks],
+                   first_step_s=marks[1][0] - t0[0] if len(marks) > 1 else None)
+    walls, cpus, w = raw.pop("walls"), raw.pop("cpus"), spec["warmup_steps"]
+    if len(walls) != spec["steps"] + 1 or len(raw["losses"]) != spec["steps"]:
+        raise RuntimeError(f"{spec['system']}: recorded {len(walls) - 1} step times and {len(raw['losses'])} losses "
                            f"for {spec['steps']} steps")
-    marks = [t0, *ends]
-    step_s = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:])][w:]  # the timed steps' durations
-    cpu_s = [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:])][w:]  # and the CPU time they used (all threads)
+    step_s = [b - a for a, b in zip(walls[:-1], walls[1:])][w:]  # the timed steps' durations
+    cpu_s = None
+    if all(x is not None for x in cpus[w:]):  # and the CPU time they used (all threads)
+        cpu_s = [b - a for a, b in zip(cpus[w:-1], cpus[w + 1:])]
     tokens_per_step = spec["batch_size"] * spec["seq_len"]
-    return {**raw, "step_end_s": [e[0] - t0[0] for e in ends], "timed_steps": len(step_s), "timed_s": sum(step_s),
+    return {**raw, "step_end_s": walls[1:], "timed_steps": len(step_s), "timed_s": sum(step_s),
             "step_s": step_s, "median_step_s": statistics.median(step_s), "step_cpu_s": cpu_s,
-            "median_step_cpu_s": statistics.median(cpu_s),
+            "median_step_cpu_s": statistics.median(cpu_s) if cpu_s else None,
             "tokens_per_s": tokens_per_step / statistics.median(step_s),
             "wall_tokens_per_s": tokens_per_step * len(step_s) / sum(step_s), "job_s": time.perf_counter() - t0[0],
             "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
@@ -380,10 +420,11 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _spec(c: TrainBenchConfig, system: str, model_dir: Path, batches: Path) -> dict:
+def _spec(c: TrainBenchConfig, system: str, model_dir: Path, batches: Path, run_dir: Path | None = None) -> dict:
     keys = ("steps", "warmup_steps", "batch_size", "seq_len", "lr", "min_lr", "weight_decay", "beta1", "beta2",
             "grad_clip", "seed", "threads")
-    return {"system": system, "model_dir": str(model_dir), "batches": str(batches), **{k: getattr(c, k) for k in keys}}
+    return {"system": system, "model_dir": str(model_dir), "batches": str(batches),
+            "run_dir": str(run_dir) if run_dir else None, **{k: getattr(c, k) for k in keys}}
 
 
 def _launch(spec: dict, work: Path, tag: str, timeout_s: float) -> dict:
@@ -421,25 +462,31 @@ def run_training_benchmark(c: TrainBenchConfig, console=None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shape = SHAPES[c.shape]
-    stream, vocab, source = token_stream()
-    batches = make_batches(stream, c.steps, c.batch_size, c.seq_len, c.seed)
-    np.save(work / "batches.npy", batches)
-    with console.status("building the initial checkpoint"):
+    from tokenizers import Tokenizer
+
+    from llmos.bench.checkpoints import default_model_dir
+
+    vocab = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json")).get_vocab_size()
+    with console.status("building the initial checkpoint and preparing the data"):
         params = write_initial_checkpoint(work / "init", shape, vocab, c.seq_len, c.seed)
+        batches, facts = prepare_batches(c, work / "init", work)
+    np.save(work / "batches.npy", batches)
     runs: dict[str, list[dict]] = {s: [] for s in c.systems}
     for r in range(c.rounds):
         k = r % len(c.systems)
         for system in c.systems[k:] + c.systems[:k]:
             with console.status(f"round {r + 1}/{c.rounds}: {system}, {c.steps} steps"):
-                res = _launch(_spec(c, system, work / "init", work / "batches.npy"), work, f"{system}-r{r + 1}",
+                tag = f"{system}-r{r + 1}"
+                res = _launch(_spec(c, system, work / "init", work / "batches.npy", work / "runs" / tag), work, tag,
                               c.timeout_s)
             runs[system].append(res)
             console.print(f"round {r + 1} {system}: " + (res["error"] if "error" in res else
                                                          f"{res['tokens_per_s']:,.0f} tokens/s, final loss "
                                                          f"{res['losses'][-1]:.4f}"))
     results = {"config": {**asdict(c), "out": str(c.out), "img_dir": str(c.img_dir) if c.img_dir else None},
-               "shape": asdict(shape), "vocab_size": vocab, "parameters": params, "data": source,
-               "stream_tokens": int(len(stream)), "tokens_per_step": c.batch_size * c.seq_len,
+               "shape": asdict(shape), "vocab_size": vocab, "parameters": params, "data": DATA_SOURCE,
+               "stream_tokens": facts["stream_tokens"], "val_tokens": facts["val_tokens"],
+               "tokens_per_step": c.batch_size * c.seq_len,
                "machine": machine_info(c.threads), "runs": runs}
     results["summary"] = summarize(results)
     img_dir = c.img_dir or c.out
@@ -484,11 +531,12 @@ def summarize(results: dict) -> dict:
         row = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps, "min": min(tps), "max": max(tps),
                "wall_tokens_per_s": statistics.median(r["wall_tokens_per_s"] for r in rs),
                "step_ms": 1e3 * statistics.median(r["median_step_s"] for r in rs),
-               "step_cpu_ms": 1e3 * statistics.median(r["median_step_cpu_s"] for r in rs),
+               "step_cpu_ms": (1e3 * statistics.median(r["median_step_cpu_s"] for r in rs)
+                               if all(r["median_step_cpu_s"] for r in rs) else None),
                "best_step_ms": 1e3 * min(min(r["step_s"]) for r in rs),
                "loss_step1": first["losses"][0], "final_loss": first["losses"][-1],
                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "notes": first.get("notes", ""),
-               "first_step_s": statistics.median(r["step_end_s"][0] for r in rs),
+               "first_step_s": statistics.median(r["first_step_s"] for r in rs),
                "errors": len(runs[s]) - len(rs)}
         if PEER in ok and ok[PEER] and s != PEER:
             peer = ok[PEER][0]
@@ -498,9 +546,9 @@ def summarize(results: dict) -> dict:
             if per_round:
                 row["vs_peer_rounds"] = per_round
                 row["vs_peer"] = statistics.median(per_round)
-                row["vs_peer_cpu"] = statistics.median(b["median_step_cpu_s"] / a["median_step_cpu_s"]
-                                                       for a, b in zip(runs[s], runs[PEER])
-                                                       if "error" not in a and "error" not in b)
+                cpu = [b["median_step_cpu_s"] / a["median_step_cpu_s"] for a, b in zip(runs[s], runs[PEER])
+                       if "error" not in a and "error" not in b and a["median_step_cpu_s"] and b["median_step_cpu_s"]]
+                row["vs_peer_cpu"] = statistics.median(cpu) if cpu else None
         out["systems"][s] = row
     if "llmos" in out["systems"] and "vs_peer" in out["systems"]["llmos"]:
         out["llmos_vs_peer"] = out["systems"]["llmos"]["vs_peer"]
@@ -564,11 +612,15 @@ def training_section(r: dict) -> str:
         f"{sh['num_layers']} layers, {sh['num_heads']} heads / {sh['num_kv_heads']} KV heads, intermediate "
         f"{sh['intermediate_size']}, vocabulary {r['vocab_size']}, tied embeddings), fp32, from one initial "
         f"checkpoint (transformers' init, seed {c['seed']}) that every system loads; batch {c['batch_size']} x "
-        f"{c['seq_len']} tokens ({r['tokens_per_step']:,} tokens/step) drawn once from `{r['data']}` "
-        f"({r['stream_tokens']:,} tokens, the bundled tokenizer) and fed to every system in the same order; AdamW "
+        f"{c['seq_len']} tokens ({r['tokens_per_step']:,} tokens/step): the windows llmos's trainer draws (its "
+        f"`BatchSampler`, seed {c['seed']}) from `{r['data']}` as `llmos train` prepares it (the bundled tokenizer; "
+        f"a {r['stream_tokens']:,}-token training split), fed to the peers in the same order; AdamW "
         f"(lr {c['lr']}, betas ({c['beta1']}, {c['beta2']}), eps 1e-8, weight decay {c['weight_decay']} on matrices "
         f"and embeddings, none on norms), cosine decay to {c['min_lr']} over {c['steps']} steps without warmup, "
-        f"gradient clipping at {c['grad_clip']}. Each system runs alone in a fresh process, {c['rounds']} round(s), "
+        f"gradient clipping at {c['grad_clip']}. llmos is `llmos.train.trainer.train` itself (`llmos train "
+        "--init-from`, a metrics row every step, one validation pass after the last step, no checkpoint before the "
+        "end); its times and losses are read from its metrics.jsonl. "
+        f"Each system runs alone in a fresh process, {c['rounds']} round(s), "
         f"the order rotated each round. A step's time runs from the end of the previous step to the end of this one "
         "(everything the system does per step: data, forward, backward, clipping, optimizer, logging); the first "
         f"{c['warmup_steps']} steps are warm-up (allocator, optimizer state, first calls; compilation) and not "
@@ -588,19 +640,24 @@ def training_section(r: dict) -> str:
         diff = f"{row['max_loss_diff_vs_peer']:.1e}" if "max_loss_diff_vs_peer" in row else ""
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['min']:,.0f}-{row['max']:,.0f} | "
                      f"{row['wall_tokens_per_s']:,.0f} | {row['step_ms']:.0f} | {row['best_step_ms']:.0f} | "
-                     f"{row['step_cpu_ms']:.0f} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | {diff} | "
+                     f"{_fmt(row['step_cpu_ms'], '.0f')} | {vs} | {row['loss_step1']:.5f} | {row['final_loss']:.4f} | "
+                     f"{diff} | "
                      f"{row['peak_rss_mib']:.0f} |")
     lines.append("")
     for name, row in s["systems"].items():
         if name.startswith("llmos") and "vs_peer" in row:
             lines += [f"**{name} / {PEER} = {row['vs_peer']:.2f}x** in tokens/s (median of the per-round ratios "
                       f"{', '.join(f'{x:.2f}' for x in row['vs_peer_rounds'])}; target >= 1.2x); by CPU time per "
-                      f"step {row['vs_peer_cpu']:.2f}x.", ""]
+                      f"step {_fmt(row['vs_peer_cpu'], '.2f')}x.", ""]
     lines += [f"- {name}: {row.get('notes', '')}; load + step 1 took {row['first_step_s']:.1f} s"
               for name, row in s["systems"].items() if "error" not in row]
     if r.get("figure"):
         lines += ["", f"![training loss]({Path(r['figure']).name})"]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def _print(r: dict, console) -> None:
