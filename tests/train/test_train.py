@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from llmos.errors import DataError, InvalidRequestError
 from llmos.train.bpe import min_vocab_size, train_tokenizer
-from llmos.train.data import get_batch, pack_documents, read_documents, split_train_val
+from llmos.train.sources import iter_documents
 from llmos.train.evaluate import perplexity
 from llmos.train.trainer import TrainConfig, get_lr, train
 
@@ -169,16 +168,16 @@ def test_binary_file_is_a_data_error(tmp_path):
 def test_non_utf8_file_is_a_data_error(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     with pytest.raises(DataError, match="latin1.txt is not UTF-8.*iconv"):
-        read_documents([tmp_path])
+        list(iter_documents([tmp_path]))
 
 
 def test_missing_and_empty_folder_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        read_documents([tmp_path / "nope"])
+        list(iter_documents([tmp_path / "nope"]))
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "image.png").write_bytes(b"\x89PNG")
-    with pytest.raises(DataError, match="no .txt or .md files"):
-        read_documents([tmp_path / "dir"])
+    with pytest.raises(DataError, match="contains no .txt, .md, .jsonl or .csv files"):
+        list(iter_documents([tmp_path / "dir"]))
 
 
 def test_too_small_vocab_is_a_data_error(tmp_path):
@@ -214,29 +213,6 @@ def test_tokenizer_files_load_in_transformers(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert hf("light")["input_ids"] == tok.encode("light").ids
     assert tok.encode("light").ids[0] == tok.token_to_id("<|endoftext|>") == 0
-
-
-def test_stream_layout_split_and_batches(tmp_path):
-    (tmp_path / "t.txt").write_text(TEXT * 4)
-    tok = train_tokenizer([tmp_path / "t.txt"], 300, tmp_path / "tok")
-    docs = ["first document", "second one"]
-    stream = pack_documents(docs, tok, eot_id=0)
-    assert stream.dtype == np.uint16
-    expected = [0] + tok.encode(docs[0], add_special_tokens=False).ids + [0] \
-        + tok.encode(docs[1], add_special_tokens=False).ids + [0]
-    assert stream.tolist() == expected
-
-    tokens = np.arange(10_000, dtype=np.uint16)
-    split = split_train_val(tokens, 0.1, seq_len=15)  # chunks of 128 tokens, evenly spaced
-    assert len(split.train) + len(split.val) == len(tokens)
-    assert abs(len(split.val) - 1000) <= 128
-    assert split.val[0] > 0 and split.val[-1] < 9_999  # neither the head nor the tail only
-    assert sorted(split.train.tolist() + split.val.tolist()) == tokens.tolist()
-
-    a = get_batch(tokens, 4, 15, np.random.default_rng(7))
-    b = get_batch(tokens, 4, 15, np.random.default_rng(7))
-    assert a.shape == (4, 16) and a.dtype == torch.int64 and torch.equal(a, b)
-    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 15, dtype=torch.int64))  # contiguous windows
 
 
 def test_lr_schedule():

@@ -11,7 +11,8 @@ Layout of a shard directory (format "llmos-shards/1"):
     train-00000.mask   (kind "sft" only) one uint8 per token: 1 = a target the loss counts
     val-00000.bin ...
 
-The concatenated files of a split are a slice of one stream (the layout of `llmos.train.data`):
+The concatenated files of a split are a slice of one stream; the end-of-text token is at once the end of one
+document and the beginning (BOS) of the next, as in GPT-2:
 
     <eot> doc1 <eot> doc2 ... <eot> docN <eot>
 

@@ -48,15 +48,14 @@ from llmos.errors import DataError, InvalidRequestError, LlmosError, TrainingDiv
 from llmos.model.config import ModelConfig
 from llmos.model.loader import load_generation_config, load_model
 from llmos.model.transformer import build_model
+from llmos.train import bpe, shards
 from llmos.train import distributed as D
 from llmos.train.checkpoint import (RUN_FILES, TOKENIZER_FILES, WRITE_ERRORS, CheckpointWriteError, atomic_write,
                                     check_out_dir, check_resume_config, clean_stale, finish_run, lock_run,
                                     optimizer_state_from, read_trainer_state, set_rng_state, trainer_state,
                                     work_dir, write_checkpoint, write_error)
-from llmos.train.bpe import DEFAULT_SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer_from_texts
 from llmos.train.config import TrainConfig, checkpoint_arch, save_config
-from llmos.train.data import pack_documents, read_documents, split_train_val
-from llmos.train.loader import IGNORE_INDEX, VAL_STREAM, ArraySplit, BatchSampler
+from llmos.train.loader import IGNORE_INDEX, VAL_STREAM, BatchSampler
 
 __all__ = ["TrainConfig", "train", "get_lr", "make_optimizer", "model_config_for", "CheckpointWriteError"]
 
@@ -132,35 +131,12 @@ def model_config_for(c: TrainConfig, vocab_size: int, eot_id: int) -> ModelConfi
 
 @dataclass
 class RunData:
-    train: Any  # a Split (loader.Split): ShardSplit or ArraySplit
+    train: Any  # a Split (loader.Split): shards.ShardSplit
     val: Any | None
     dir: Path  # holds the tokenizer files and manifest.json
     eot_id: int
     vocab_size: int  # the tokenizer's
     manifest: dict
-
-
-def _read_tokenizer(directory: Path) -> tuple[HFTokenizer, str]:
-    """A saved tokenizer and its end-of-text token (the eos_token of tokenizer_config.json)."""
-    tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-    eot = DEFAULT_SPECIAL_TOKENS[0]
-    config_file = directory / "tokenizer_config.json"
-    if config_file.is_file():
-        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
-        eot = (eos.get("content") if isinstance(eos, dict) else eos) or eot
-    if tok.token_to_id(eot) is None:
-        raise DataError(f"the tokenizer in {directory} has no {eot!r} token to separate documents; "
-                        "use a tokenizer with an end-of-text token.")
-    return tok, eot
-
-
-def _data_modules():
-    """(bpe, shards) of the streaming data pipeline, or None where llmos.train.shards is not installed."""
-    try:
-        from llmos.train import bpe, shards
-    except ImportError:
-        return None
-    return (bpe, shards) if hasattr(bpe, "prepare_tokenizer") else None
 
 
 def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_dir: Path | None = None) -> None:
@@ -169,10 +145,9 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_d
     holds shards only). Both are built in a temporary directory beside `out` and renamed into place, so bad
     data leaves nothing behind, not even `out`.
 
-    With `llmos.train.shards`: any source format, streaming, SFT masks (`bpe.prepare_tokenizer`,
-    `shards.prepare_shards`). Without it: .txt/.md files read whole (`data.py`), one shard file per split.
-    `shards_dir` (needs `llmos.train.shards`): the shards go there instead, in place: a manifest that matches
-    `c.data` and the settings (`shards.prepare_shards`' fingerprint) is reused, anything else is re-prepared.
+    Any source format, streaming, SFT masks (`bpe.prepare_tokenizer`, `shards.prepare_shards`).
+    `shards_dir`: the shards go there instead, in place: a manifest that matches `c.data` and the settings
+    (`shards.prepare_shards`' fingerprint) is reused, anything else is re-prepared.
 
     Raises `DataError` (missing, empty, binary or too little data; a too-small vocabulary).
     """
@@ -180,23 +155,13 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_d
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
     try:
         tok_tmp, data_tmp = tmp / "tokenizer", tmp / "data"
-        modules = _data_modules()
         if shards_dir is not None:
-            if modules is None:
-                raise InvalidRequestError("--shards-dir with --data needs llmos.train.shards, which this "
-                                          "installation lacks; update llmos, or drop --data to reuse the shards.")
-            _prepare_shards(c, modules, tok_tmp, shards_dir, say)
+            _prepare_shards(c, tok_tmp, shards_dir, say)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             shutil.rmtree(out / "checkpoints" / "tokenizer", ignore_errors=True)
             os.replace(tok_tmp, out / "checkpoints" / "tokenizer")
             return
-        if modules is not None:
-            _prepare_shards(c, modules, tok_tmp, data_tmp, say)
-        else:
-            if c.task == "sft":
-                raise InvalidRequestError("--task sft needs llmos.train.shards (chat JSONL with loss masks), "
-                                          "which this installation lacks; update llmos.")
-            _prepare_text(c, tok_tmp, data_tmp, say)
+        _prepare_shards(c, tok_tmp, data_tmp, say)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         for src, dst in ((tok_tmp, out / "checkpoints" / "tokenizer"), (data_tmp, out / "data")):
             shutil.rmtree(dst, ignore_errors=True)
@@ -205,8 +170,7 @@ def prepare_data(c: TrainConfig, out: Path, say: Callable[[str], None], shards_d
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare_shards(c: TrainConfig, modules, tok_dir: Path, data_dir: Path, say: Callable[[str], None]) -> None:
-    bpe, shards = modules
+def _prepare_shards(c: TrainConfig, tok_dir: Path, data_dir: Path, say: Callable[[str], None]) -> None:
     options = dict(text_field=c.text_field, messages_field=c.messages_field, text_column=c.text_column,
                    label_column=c.label_column, normalize=c.normalize, clean=c.clean, dedup=c.dedup)
     source = c.tokenizer or c.init_from
@@ -216,37 +180,6 @@ def _prepare_shards(c: TrainConfig, modules, tok_dir: Path, data_dir: Path, say:
                                      val_fraction=c.val_fraction, progress=c.progress, **options)
     tokens = sum(e["tokens"] for split in manifest["splits"].values() for e in split)
     say(f"data: {manifest['documents']} documents, {tokens:,} tokens, vocabulary {manifest['vocab_size']:,}")
-
-
-def _prepare_text(c: TrainConfig, tok_dir: Path, data_dir: Path, say: Callable[[str], None]) -> None:
-    docs = read_documents(c.data)
-    source = Path(c.tokenizer) if c.tokenizer else Path(c.init_from) if c.init_from else None
-    tok_dir.mkdir()
-    data_dir.mkdir()
-    if source is not None:
-        tok, eot = _read_tokenizer(source)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tok_dir / name)
-    else:
-        check_vocab_size(c.vocab_size)
-        eot = DEFAULT_SPECIAL_TOKENS[0]
-        tok = train_tokenizer_from_texts(docs, c.vocab_size, DEFAULT_SPECIAL_TOKENS)
-        save_tokenizer(tok, tok_dir, c.seq_len, DEFAULT_SPECIAL_TOKENS)
-    eot_id = tok.token_to_id(eot)
-    tokens = pack_documents(docs, tok, eot_id)
-    split = split_train_val(tokens, c.val_fraction, c.seq_len)
-    splits = {}
-    for name, part in (("train", split.train), ("val", split.val)):
-        if len(part):
-            part.astype(part.dtype.newbyteorder("<"), copy=False).tofile(data_dir / f"{name}-00000.bin")
-        splits[name] = [{"file": f"{name}-00000.bin", "tokens": int(len(part))}] if len(part) else []
-    manifest = {"format": "llmos-shards/1", "dtype": str(tokens.dtype), "vocab_size": tok.get_vocab_size(),
-                "eot_id": eot_id, "kind": "lm", "seq_len": c.seq_len, "splits": splits, "documents": len(docs),
-                "duplicates_removed": 0, "normalize": "none", "clean": False, "sources": list(c.data)}
-    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    say(f"data: {len(docs)} documents, {len(tokens):,} tokens ({len(split.train):,} train, "
-        f"{len(split.val):,} validation), vocabulary {tok.get_vocab_size():,}")
 
 
 def adopt_tokenizer(c: TrainConfig, data_dir: Path, tok_dir: Path) -> None:
@@ -272,24 +205,12 @@ def adopt_tokenizer(c: TrainConfig, data_dir: Path, tok_dir: Path) -> None:
 
 
 def open_data(data_dir: Path, tok_dir: Path) -> RunData:
-    """The prepared splits of `data_dir` (memory-mapped) and the tokenizer in `tok_dir`. Uses
-    `llmos.train.shards.ShardSplit` where that module exists; reads single-file splits itself otherwise."""
+    """The prepared splits of `data_dir` (`shards.ShardSplit`, memory-mapped) and the tokenizer in `tok_dir`."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    modules = _data_modules()
 
     def split(name: str):
         files = [f for f in manifest["splits"].get(name) or [] if f["tokens"] > 0]
-        if not files:
-            return None
-        if modules is not None:
-            return modules[1].ShardSplit(data_dir, name)
-        if len(files) > 1:
-            raise DataError(f"{data_dir} holds multi-file shards; reading them needs llmos.train.shards.")
-        tokens = np.memmap(data_dir / files[0]["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r")
-        mask = None
-        if files[0].get("mask"):
-            mask = np.memmap(data_dir / files[0]["mask"], dtype=np.uint8, mode="r")
-        return ArraySplit(tokens, mask)
+        return shards.ShardSplit(data_dir, name) if files else None
 
     vocab = HFTokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
     return RunData(split("train"), split("val"), tok_dir, manifest["eot_id"], vocab, manifest)
