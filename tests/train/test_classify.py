@@ -279,6 +279,9 @@ def test_bad_csvs_are_data_errors(tmp_path):
     (tmp_path / "blob.csv").write_bytes(b"text,label\n\x00\x01\x02,x\n")
     with pytest.raises(DataError, match="looks binary"):
         read_labelled_csv(tmp_path / "blob.csv")
+    (tmp_path / "t.jsonl").write_text('{"text": "hi", "label": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="t.jsonl is not a .csv file"):
+        read_labelled_csv(tmp_path / "t.jsonl")
     (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9,x\n".encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
         read_labelled_csv(tmp_path / "latin1.csv")

@@ -199,7 +199,7 @@ def test_ctrl_c_on_two_ranks_says_only_suspended(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output
-    assert f"continue with: llmos train --out {out} --resume" in output
+    assert f"continue with `llmos train --out {out} --resume`" in " ".join(output.split())  # rich wraps lines
     for noise in ("Traceback", "SignalException", "death signal", "ChildFailedError"):
         assert noise not in output, output
 

@@ -174,3 +174,11 @@ def test_a_split_shorter_than_a_window_is_a_data_error():
         BatchSampler(ArraySplit(np.arange(10)), 2, 10, seed=0)
     split = ArraySplit(np.arange(11, dtype=np.uint32))
     assert BatchSampler(split, 2, 10, seed=0).batch(0).inputs.tolist() == [list(range(10))] * 2
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n", encoding="utf-8")
+    with pytest.raises(InvalidRequestError) as e:
+        load_config(str(bad), [])
+    assert "\n" not in str(e.value) and "line 2, column 1" in str(e.value)

@@ -138,3 +138,20 @@ def _write(tmp_path: Path, d: dict) -> Path:
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(d))
     return f
+
+
+def test_resume_refuses_other_data_and_shards_prepared_again(tmp_path):
+    """--resume trains on the tokens the run started with: a --data naming other files is refused, and so are
+    shards that another run prepared again in a shared shards_dir."""
+    from llmos.errors import DataError, InvalidRequestError
+
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "u.txt").write_text(TEXT.replace("the", "a"), encoding="utf-8")
+    shards = str(tmp_path / "shards")
+    train(TrainConfig(**settings(tmp_path, "a", max_steps=4, shards_dir=shards)))
+    with pytest.raises(InvalidRequestError, match="--data .*u.txt differs"):
+        train(TrainConfig(**settings(tmp_path, "a", max_steps=4, shards_dir=shards, resume=True,
+                                     data=[str(tmp_path / "u.txt")])))
+    train(TrainConfig(**settings(tmp_path, "b", max_steps=4, shards_dir=shards, data=[str(tmp_path / "u.txt")])))
+    with pytest.raises(DataError, match="prepared again since this run started"):
+        train(TrainConfig(**settings(tmp_path, "a", max_steps=4, shards_dir=shards, resume=True)))

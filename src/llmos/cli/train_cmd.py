@@ -152,9 +152,9 @@ def train_command(
     summary = train(resolved)
     if quiet or (distributed.under_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0):
         return
-    if summary.get("state") == "suspended":
-        typer.echo(f"suspended {resolved.out_dir} at step {summary['steps']} of {summary['total_steps']}; "
-                   f"continue with: llmos train --out {resolved.out_dir} --resume")
+    if summary.get("state") == "suspended":  # where and how to continue (said already with a progress bar)
+        if not resolved.progress:
+            typer.echo(summary["message"])
         return
     line = summary_line(resolved.out_dir, summary)
     if line:

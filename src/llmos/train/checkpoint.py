@@ -36,8 +36,8 @@ from llmos.model.config import ModelConfig
 from llmos.model.loader import check_checkpoint_target, save_model
 from llmos.train.config import TrainConfig
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "checkpoints",
-             "adapter")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "loss.png", "summary.json", "data", "data.json",
+             "checkpoints", "adapter")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 STATE_FORMAT = "llmos-trainer-state/1"
 # Settings a resumed run may change: they do not touch the weights, the batches or the schedule.

@@ -57,6 +57,9 @@ def read_labelled_csv(paths: str | Path | list, text_column: str = "text", label
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path} does not exist or is not a file; pass --data FILE.csv.")
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{path} is not a .csv file; --task classify reads a CSV file with a header row "
+                            f"({text_column},{label_column}).")
         raw = path.read_bytes()
         if b"\x00" in raw[:8192]:
             raise DataError(f"{path} looks binary (it holds NUL bytes); --task classify reads a UTF-8 CSV file.")

@@ -289,7 +289,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise InvalidRequestError(f"config file {path}: unknown format {suffix!r}; "
                                       "use .yaml, .yml, .json or .toml.")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
-        raise InvalidRequestError(f"config file {path} could not be read: {e}".rstrip(".") + ".") from None
+        mark = getattr(e, "problem_mark", None)
+        if isinstance(e, yaml.MarkedYAMLError) and mark is not None:  # one line, not PyYAML's excerpt
+            why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem or e.context}"
+        else:
+            why = " ".join(str(e).split())
+        raise InvalidRequestError(f"config file {path} could not be read: {why}".rstrip(".") + ".") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):

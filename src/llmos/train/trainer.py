@@ -486,6 +486,7 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
     if c.resume:
         state_meta, state_tensors = read_trainer_state(last_dir)
         check_resume_config(c, state_meta["config"])
+        _check_resume_data(c, state_meta["config"])
 
     def setup() -> None:
         if not c.resume:
@@ -510,6 +511,16 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
             if not need.is_file():
                 raise DataError(f"{need} is missing, so the run cannot continue on the same tokens; "
                                 "start a new run (or restore the file).")
+        fingerprint = json.loads((data_dir / "manifest.json").read_text()).get("fingerprint")
+        if not c.resume:  # what a resume must find again: the same shards
+            atomic_write(out / DATA_RECORD, json.dumps({"shards": str(data_dir), "fingerprint": fingerprint}) + "\n")
+        elif (out / DATA_RECORD).is_file():
+            recorded = json.loads((out / DATA_RECORD).read_text())
+            if recorded.get("fingerprint") != fingerprint:
+                raise DataError(f"the shards in {data_dir} were prepared again since this run started (another run "
+                                "sharing --shards-dir?), so --resume would continue on other tokens; resume needs "
+                                "the shards it started with: prepare them again with the run's settings, or start "
+                                f"a new run from the checkpoint with --init-from {last_dir}.")
 
     _on_main(info, setup)
     data = open_data(data_dir, tok_dir)
@@ -738,9 +749,11 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
                    "out_dir": str(dest)}
         if state == "suspended":
             write_progress("suspended", summary["steps"], tokens_per_s)
-            say(f"suspended at step {summary['steps']} of {total_steps}; continue with "
-                f"`llmos train --out {out} --resume`"
-                + (f" ({dest} keeps the finished run this one was to replace)" if dest != out else ""))
+            summary["message"] = (f"suspended at step {summary['steps']} of {total_steps}; continue with "
+                                  f"`llmos train --out {out} --resume`"
+                                  + (f" ({dest} keeps the finished run this one was to replace)" if dest != out
+                                     else ""))
+            say(summary["message"])
             return summary
 
         # ---- the final checkpoint: Hugging Face weights at the top of the run directory -------------------------
@@ -760,6 +773,22 @@ def _train_lm(c: TrainConfig, out: Path, info: D.DistInfo, dest: Path | None = N
             say(f"saved {out} ({train_seconds:.0f} s, {tokens_seen:,} tokens)")
         D.barrier(info)
         return summary
+
+
+DATA_RECORD = "data.json"  # in the run directory while it runs: the fingerprint of the shards it trains on
+
+
+def _check_resume_data(c: TrainConfig, saved: dict) -> None:
+    """`--resume` with `--data` naming other files than the run's is refused (it would train on the run's shards
+    while its config.yaml claimed otherwise). Raises `InvalidRequestError`."""
+    def norm(paths) -> list[str]:
+        return [str(Path(p).expanduser().absolute()) for p in paths or []]
+
+    if c.data and saved.get("data") is not None and norm(c.data) != norm(saved["data"]):
+        raise InvalidRequestError(
+            f"--resume continues the same run on the same data, but --data {', '.join(map(str, c.data))} differs "
+            f"from the run's ({', '.join(map(str, saved['data']))}); drop --data, or start a new run from the "
+            f"checkpoint with --init-from {Path(c.out_dir) / 'checkpoints' / 'last'}.")
 
 
 def _best_effort(fn: Callable[[], None]) -> None:
