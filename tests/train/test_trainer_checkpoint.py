@@ -180,6 +180,7 @@ def test_lora_needs_the_finetune_module_or_calls_it(tmp_path, text, monkeypatch)
         return model
 
     fake.prepare_model, fake.finalize_model = prepare_model, finalize_model
+    fake.lora_target_modules = lambda model_config, targets: list(targets)  # the early check of --lora-targets
     monkeypatch.setitem(sys.modules, "llmos.train.finetune", fake)
     monkeypatch.setattr(llmos.train, "finetune", fake, raising=False)
     train(tiny(tmp_path, init_from=str(ckpt), arch="gpt2", lora_rank=4, max_steps=2))
@@ -558,3 +559,10 @@ def test_a_lora_run_reports_the_saved_models_parameters(tmp_path, text):
     saved, _ = load_model(tmp_path / "run")
     assert summary["parameters"] == sum(p.numel() for p in {id(p): p for p in saved.parameters()}.values())
     assert 0 < summary["trainable_parameters"] < summary["parameters"]
+
+
+def test_bad_lora_targets_fail_before_anything_is_written(tmp_path, text):
+    ckpt = gpt2_checkpoint(tmp_path / "gpt2")
+    with pytest.raises(llmos.errors.InvalidRequestError, match="--lora-targets nope"):
+        train(tiny(tmp_path, "lora", init_from=str(ckpt), arch="gpt2", lora_rank=2, lora_targets=["nope"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "t.txt"]

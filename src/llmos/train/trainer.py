@@ -33,6 +33,7 @@ import signal
 import tempfile
 import threading
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -451,8 +452,9 @@ def _checks(c: TrainConfig, lock: list) -> tuple[str, str]:
     lock.append(lock_run(out))  # first: a second run into `out` stops here, before touching anything
     out = check_out_dir(c)
     clean_stale(out)
-    if c.init_from:
-        check_init_from(c)
+    mconfig = check_init_from(c) if c.init_from else None
+    if c.lora_rank > 0:  # a bad --lora-targets fails here, before any data is prepared (only the family matters)
+        _finetune().lora_target_modules(mconfig or types.SimpleNamespace(model_type=c.arch), c.lora_targets)
     return str(out), str(work_dir(out, c.resume))
 
 
