@@ -558,3 +558,33 @@ def test_a_lora_run_reports_the_saved_models_parameters(tmp_path, text):
     saved, _ = load_model(tmp_path / "run")
     assert summary["parameters"] == sum(p.numel() for p in {id(p): p for p in saved.parameters()}.values())
     assert 0 < summary["trainable_parameters"] < summary["parameters"]
+
+
+def test_a_failed_final_swap_keeps_the_finished_model_and_names_it(tmp_path, text, monkeypatch):
+    """A new run into a finished --out whose final swap fails (an immutable --out: EPERM) loses nothing: the
+    trained model lands in a visible `<name>.finished-*` folder that the error names and no later run deletes,
+    and the old run is left whole."""
+    from llmos.train import checkpoint as checkpoint_module
+
+    train(tiny(tmp_path, max_steps=4))
+    out = tmp_path / "run"
+    before = snapshot(out)
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".run.final-") and Path(dst) == out:
+            raise OSError(errno.EPERM, "Operation not permitted", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    with pytest.raises(CheckpointWriteError) as e:
+        train(tiny(tmp_path, max_steps=3))
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.finished-")]
+    assert len(kept) == 1 and str(kept[0]) in str(e.value) and "\n" not in str(e.value)
+    assert json.loads((kept[0] / "summary.json").read_text())["steps"] == 3
+    assert (kept[0] / "config.json").is_file() and (kept[0] / "checkpoints" / "last" / "trainer_state.json").is_file()
+    assert snapshot(out) == before
+    train(tiny(tmp_path, max_steps=2))  # the next run's cleaning keeps it
+    assert (kept[0] / "config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -234,8 +235,9 @@ def _resumable(run: Path) -> bool:
 def clean_stale(out: Path) -> None:
     """Delete what killed runs into `out` left behind; call it holding `lock_run(out)`, so every writer of
     these is dead: temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`, `.tokenizer-*`), and beside
-    `out` its `.final-*`, `.prepare-*`, `.old-*` (only while `out` itself exists) and `.run-*` directories
-    (a work directory of a new run, kept if it holds a resumable checkpoint)."""
+    `out` its `.final-*` (kept if it holds a finished model: config.json and summary.json), `.prepare-*`,
+    `.old-*` (only while `out` itself exists) and `.run-*` directories (a work directory of a new run, kept if
+    it holds a resumable checkpoint). Visible `<name>.finished-*` folders (`finish_run`) are never touched."""
     for p in (out / "checkpoints").glob(".*") if (out / "checkpoints").is_dir() else ():
         if ".tmp-" in p.name or p.name.startswith(".tokenizer-"):
             shutil.rmtree(p, ignore_errors=True)
@@ -243,6 +245,8 @@ def clean_stale(out: Path) -> None:
         return
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind = p.name[len(out.name) + 2:].split("-", 1)[0]
+        if kind == "final" and (p / "config.json").is_file() and (p / "summary.json").is_file():
+            continue  # a finished model whose swap into `out` was cut short: never deleted
         if (kind in ("final", "prepare") or (kind == "old" and out.is_dir())
                 or (kind == "run" and not _resumable(p))):
             shutil.rmtree(p, ignore_errors=True)
@@ -299,26 +303,63 @@ def work_dir(out: Path, resume: bool) -> Path:
 def finish_run(work: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
                generation: dict, out: Path | None = None) -> None:
     """Write the final checkpoint beside `out` (default `work`), move the run's files from `work` into it, and
-    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`."""
+    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`.
+
+    Nothing finished is ever lost: if the run's files cannot be moved, they go back to `work` (still
+    resumable); if the swap itself fails (an immutable, read-only or busy `out`), `out` is left as it was and
+    the finished model is renamed to the visible `<name>.finished-<time>` beside it (which `clean_stale` never
+    touches), and the error says where it is."""
     out = work if out is None else out
     final = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(final, ignore_errors=True)
     write_checkpoint(final, model, mconfig, dtype, tokenizer_dir, generation)
+    moved: list[str] = []
     try:
         for name in RUN_FILES:
             if (work / name).exists():
                 os.replace(work / name, final / name)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+                moved.append(name)
+    except OSError as e:
+        for name in moved:  # put the run back where --resume finds it
+            try:
+                os.replace(final / name, work / name)
+            except OSError:
+                pass
+        if not any((final / name).exists() for name in RUN_FILES):
+            shutil.rmtree(final, ignore_errors=True)
+        raise write_error(work, e, work) from None
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
         if out.exists():
             os.replace(out, old)
         try:
             os.replace(final, out)
         except BaseException:
-            if old.exists():
+            if old.exists() and not out.exists():
                 os.replace(old, out)
             raise
     except OSError as e:
-        raise write_error(out, e, work) from None
+        raise _kept_finished(final, out, e) from None
     shutil.rmtree(old, ignore_errors=True)
     if work != out:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _kept_finished(final: Path, out: Path, e: OSError) -> CheckpointWriteError:
+    """The error of a failed final swap, after renaming the finished model `final` to a visible, kept name."""
+    reason = e.strerror or str(e) or type(e).__name__
+    kept = final
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        candidate = out.parent / (f"{out.name}.finished-{stamp}" + ("" if not i else f"-{i}"))
+        if candidate.exists():
+            continue
+        try:
+            os.replace(final, candidate)
+            kept = candidate
+        except OSError:
+            pass
+        break
+    return CheckpointWriteError(f"could not move the finished model into {out}: {reason}. The trained model is at "
+                                f"{kept}; move it into place yourself (e.g. `mv {kept} {out}` once {out} can be "
+                                "replaced).")
