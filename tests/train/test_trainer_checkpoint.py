@@ -588,3 +588,51 @@ def test_a_failed_final_swap_keeps_the_finished_model_and_names_it(tmp_path, tex
     train(tiny(tmp_path, max_steps=2))  # the next run's cleaning keeps it
     assert (kept[0] / "config.json").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, text, monkeypatch):
+    """A SIGKILL between `last` -> `.last.old-PID` and `.last.tmp-*` -> `last` leaves no `last`: --resume puts
+    back the whole new one (a `.last.tmp-*` with trainer_state.json, written last) or else the old one, and
+    deletes `.last.old-*` once `last` exists."""
+    import shutil
+
+    from llmos.train import checkpoint as checkpoint_module
+
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second checkpoint (model, then trainer state, per save)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    # killed mid-swap with only the old checkpoint aside: resume continues from it
+    os.replace(ck / "last", ck / ".last.old-999")
+    (ck / ".last.tmp-half").mkdir()  # an unfinished write: no trainer_state.json
+    (ck / ".last.tmp-half" / "model.safetensors").write_bytes(b"half")
+    assert train(tiny(tmp_path, resume=True))["state"] == "finished"
+    assert losses(out) == losses_of_fresh(tmp_path)
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    # a whole new checkpoint in .last.tmp-* wins over the old one; a leftover .old-* beside `last` is deleted
+    os.replace(ck / "last", ck / ".last.old-998")
+    shutil.copytree(ck / ".last.old-998", ck / ".last.tmp-whole")
+    (ck / ".last.tmp-whole" / "marker").write_text("new")
+    checkpoint_module.clean_stale(out)
+    assert (ck / "last" / "marker").is_file()
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    shutil.copytree(ck / "last", ck / ".last.old-997")
+    checkpoint_module.clean_stale(out)
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+
+
+def losses_of_fresh(tmp_path: Path) -> list[float]:
+    train(tiny(tmp_path, out="fresh"))
+    return losses(tmp_path / "fresh")

@@ -228,18 +228,63 @@ class RunLock:
             self.file.close()
 
 
+def _complete_state(d: Path) -> bool:
+    """`d` holds a whole resumable checkpoint: trainer_state.json (written last) parses."""
+    try:
+        return isinstance(json.loads((d / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _recoverable(checkpoints: Path, name: str) -> Path | None:
+    """What replaces a missing `checkpoints/<name>` that a save killed between its two renames (`last` ->
+    `.last.old-PID`, `.last.tmp-*` -> `last`) left behind: the newest whole `.<name>.tmp-*` (one with a
+    complete trainer_state.json, which is written last), else the newest `.<name>.old-*`; None if neither."""
+    if (checkpoints / name).exists() or not checkpoints.is_dir():
+        return None
+    def newest(paths: list[Path]) -> Path | None:
+        return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+    tmp = newest([p for p in checkpoints.glob(f".{name}.tmp-*") if p.is_dir() and _complete_state(p)])
+    return tmp or newest([p for p in checkpoints.glob(f".{name}.old-*") if p.is_dir()])
+
+
+def _last_state(run: Path) -> Path | None:
+    """The trainer_state.json of `run`'s last checkpoint, or of the one `clean_stale` will put back there."""
+    last = run / "checkpoints" / "last"
+    if (last / "trainer_state.json").is_file():
+        return last / "trainer_state.json"
+    found = _recoverable(run / "checkpoints", "last")
+    return found / "trainer_state.json" if found is not None and (found / "trainer_state.json").is_file() else None
+
+
+def recover_checkpoints(run: Path) -> None:
+    """Put back `checkpoints/last` and `best` where a killed save left them renamed aside (`_recoverable`);
+    call it holding `lock_run`, as `clean_stale` does."""
+    for name in ("last", "best"):
+        found = _recoverable(run / "checkpoints", name)
+        if found is not None:
+            try:
+                os.replace(found, run / "checkpoints" / name)
+            except OSError as e:
+                raise write_error(run / "checkpoints" / name, e, run) from None
+
+
 def _resumable(run: Path) -> bool:
-    return (run / "checkpoints" / "last" / "trainer_state.json").is_file()
+    return _last_state(run) is not None
 
 
 def clean_stale(out: Path) -> None:
     """Delete what killed runs into `out` left behind; call it holding `lock_run(out)`, so every writer of
-    these is dead: temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`, `.tokenizer-*`), and beside
+    these is dead. First `recover_checkpoints` puts back a `last`/`best` that a save killed mid-swap left
+    renamed aside; then it deletes temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`,
+    `.tokenizer-*`, and `.last.old-*`, `.best.old-*` beside an existing `last`/`best`), and beside
     `out` its `.final-*` (kept if it holds a finished model: config.json and summary.json), `.prepare-*`,
     `.old-*` (only while `out` itself exists) and `.run-*` directories (a work directory of a new run, kept if
     it holds a resumable checkpoint). Visible `<name>.finished-*` folders (`finish_run`) are never touched."""
+    recover_checkpoints(out)
     for p in (out / "checkpoints").glob(".*") if (out / "checkpoints").is_dir() else ():
-        if ".tmp-" in p.name or p.name.startswith(".tokenizer-"):
+        if (".tmp-" in p.name or p.name.startswith(".tokenizer-")
+                or (".old-" in p.name and (out / "checkpoints" / p.name[1:].split(".old-")[0]).exists())):
             shutil.rmtree(p, ignore_errors=True)
     if not out.parent.is_dir():
         return
@@ -262,12 +307,16 @@ def check_out_dir(c: TrainConfig) -> Path:
     out = Path(c.out_dir).expanduser().absolute()
     last = out / "checkpoints" / "last"
     if c.resume:
-        if not (last / "trainer_state.json").is_file():
+        if _last_state(out) is None:
             raise InvalidRequestError(f"nothing to resume: {last} has no trainer_state.json. Start the run without "
                                       "--resume (or pass the --out of the run to continue).")
         return out
-    if (last / "trainer_state.json").is_file() and not (out / "config.json").is_file():
-        step = json.loads((last / "trainer_state.json").read_text()).get("step")
+    state = _last_state(out)
+    if state is not None and not (out / "config.json").is_file():
+        try:
+            step = json.loads(state.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            step = "?"
         raise InvalidRequestError(f"{out} holds an unfinished run (checkpoint at step {step}); continue it with "
                                   "--resume, or choose another --out (or delete it) to start over.")
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
