@@ -636,3 +636,36 @@ def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, text, monk
 def losses_of_fresh(tmp_path: Path) -> list[float]:
     train(tiny(tmp_path, out="fresh"))
     return losses(tmp_path / "fresh")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_replacing_a_checkpoint_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
+    """Where the file system can exchange two directories, a save over a checkpoint never has a moment
+    without one: no `.<name>.old-*` step that a SIGKILL could interrupt."""
+    import llmos.model.loader as loader
+
+    probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+    for p in probe:
+        p.mkdir()
+    if not loader._exchange(*probe):
+        pytest.skip("this file system cannot exchange directories")
+    for p in probe:
+        p.rmdir()
+    cfg = ModelConfig(model_type="gpt2", vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=True, attention_bias=True,
+                      o_proj_bias=True, mlp_bias=True, hidden_act="gelu_new", bos_token_id=0, eos_token_ids=[0])
+    path = tmp_path / "ckpt"
+    save_model(build_model(cfg), cfg, path)
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        assert ".old-" not in Path(dst).name, "swapped through an .old- directory"
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(loader.os, "replace", replace)
+    model = build_model(cfg)
+    save_model(model, cfg, path)
+    monkeypatch.setattr(loader.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    got = load_model(path)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got.state_dict().values()))
