@@ -566,3 +566,114 @@ def test_bad_lora_targets_fail_before_anything_is_written(tmp_path, text):
     with pytest.raises(llmos.errors.InvalidRequestError, match="--lora-targets nope"):
         train(tiny(tmp_path, "lora", init_from=str(ckpt), arch="gpt2", lora_rank=2, lora_targets=["nope"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "t.txt"]
+
+
+def test_a_failed_final_swap_keeps_the_finished_model_and_names_it(tmp_path, text, monkeypatch):
+    """A new run into a finished --out whose final swap fails (an immutable --out: EPERM) loses nothing: the
+    trained model lands in a visible `<name>.finished-*` folder that the error names and no later run deletes,
+    and the old run is left whole."""
+    from llmos.train import checkpoint as checkpoint_module
+
+    train(tiny(tmp_path, max_steps=4))
+    out = tmp_path / "run"
+    before = snapshot(out)
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".run.final-") and Path(dst) == out:
+            raise OSError(errno.EPERM, "Operation not permitted", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    with pytest.raises(CheckpointWriteError) as e:
+        train(tiny(tmp_path, max_steps=3))
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.finished-")]
+    assert len(kept) == 1 and str(kept[0]) in str(e.value) and "\n" not in str(e.value)
+    assert json.loads((kept[0] / "summary.json").read_text())["steps"] == 3
+    assert (kept[0] / "config.json").is_file() and (kept[0] / "checkpoints" / "last" / "trainer_state.json").is_file()
+    assert snapshot(out) == before
+    train(tiny(tmp_path, max_steps=2))  # the next run's cleaning keeps it
+    assert (kept[0] / "config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, text, monkeypatch):
+    """A SIGKILL between `last` -> `.last.old-PID` and `.last.tmp-*` -> `last` leaves no `last`: --resume puts
+    back the whole new one (a `.last.tmp-*` with trainer_state.json, written last) or else the old one, and
+    deletes `.last.old-*` once `last` exists."""
+    import shutil
+
+    from llmos.train import checkpoint as checkpoint_module
+
+    import llmos.model.loader as loader
+
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second checkpoint (model, then trainer state, per save)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path))
+    monkeypatch.setattr(loader, "save_file", real)
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    # killed mid-swap with only the old checkpoint aside: resume continues from it
+    os.replace(ck / "last", ck / ".last.old-999")
+    (ck / ".last.tmp-half").mkdir()  # an unfinished write: no trainer_state.json
+    (ck / ".last.tmp-half" / "model.safetensors").write_bytes(b"half")
+    assert train(tiny(tmp_path, resume=True))["state"] == "finished"
+    assert losses(out) == losses_of_fresh(tmp_path)
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    # a whole new checkpoint in .last.tmp-* wins over the old one; a leftover .old-* beside `last` is deleted
+    os.replace(ck / "last", ck / ".last.old-998")
+    shutil.copytree(ck / ".last.old-998", ck / ".last.tmp-whole")
+    (ck / ".last.tmp-whole" / "marker").write_text("new")
+    checkpoint_module.clean_stale(out)
+    assert (ck / "last" / "marker").is_file()
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    shutil.copytree(ck / "last", ck / ".last.old-997")
+    checkpoint_module.clean_stale(out)
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+
+
+def losses_of_fresh(tmp_path: Path) -> list[float]:
+    train(tiny(tmp_path, out="fresh"))
+    return losses(tmp_path / "fresh")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_replacing_a_checkpoint_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
+    """Where the file system can exchange two directories, a save over a checkpoint never has a moment
+    without one: no `.<name>.old-*` step that a SIGKILL could interrupt."""
+    import llmos.model.loader as loader
+
+    probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+    for p in probe:
+        p.mkdir()
+    if not loader._exchange(*probe):
+        pytest.skip("this file system cannot exchange directories")
+    for p in probe:
+        p.rmdir()
+    cfg = ModelConfig(model_type="gpt2", vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=True, attention_bias=True,
+                      o_proj_bias=True, mlp_bias=True, hidden_act="gelu_new", bos_token_id=0, eos_token_ids=[0])
+    path = tmp_path / "ckpt"
+    save_model(build_model(cfg), cfg, path)
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        assert ".old-" not in Path(dst).name, "swapped through an .old- directory"
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(loader.os, "replace", replace)
+    model = build_model(cfg)
+    save_model(model, cfg, path)
+    monkeypatch.setattr(loader.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    got = load_model(path)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got.state_dict().values()))

@@ -133,3 +133,62 @@ def test_sigusr1_to_the_launchers_group_suspends_two_ranks_and_resume_finishes(t
     theirs = rows(tmp_path / "single", "train_loss")
     assert_same_curve(ours[:20], theirs[:20])
     assert_same_curve(ours, theirs, LONG_RTOL)
+
+
+def test_the_launcher_finds_a_new_runs_progress_in_its_work_folder(tmp_path, monkeypatch):
+    """A new run into a finished --out writes progress.json into `.<name>.run-<pid of rank 0>`: a stop signal
+    that suspended it exits the launcher 0 (not torchrun's 143), like a run into --out itself."""
+    from llmos.train import distributed
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps({"state": "finished"}))  # the finished run's
+    old = time.time() - 3600
+    os.utime(out / "progress.json", (old, old))
+    stale = tmp_path / ".run.run-1"  # an older suspended run's, before this launch
+    stale.mkdir()
+    (stale / "progress.json").write_text(json.dumps({"state": "suspended"}))
+    os.utime(stale / "progress.json", (old, old))
+
+    class Ranks:
+        def __init__(self, *args, **kwargs):
+            self.signals = []
+
+        def send_signal(self, signum):
+            self.signals.append(signum)
+            work = tmp_path / ".run.run-4242"
+            work.mkdir()
+            (work / "progress.json").write_text(json.dumps({"state": "suspended", "step": 3}))
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C / the daemon's suspend reaching the launcher
+            return 143
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Ranks)
+    assert distributed.launch(2, ["--config", "x.yaml"], progress_file=out / "progress.json") == 0
+    assert distributed.run_progress(out / "progress.json")["step"] == 3
+
+
+def test_the_launcher_keeps_the_status_of_a_stop_that_did_not_suspend(tmp_path, monkeypatch):
+    from llmos.train import distributed
+
+    out = tmp_path / "run"
+    stale = tmp_path / ".run.run-1"
+    stale.mkdir(parents=True)
+    (stale / "progress.json").write_text(json.dumps({"state": "suspended"}))
+    old = time.time() - 3600
+    os.utime(stale / "progress.json", (old, old))
+
+    class Ranks:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def send_signal(self, signum):
+            pass
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 143
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Ranks)
+    assert distributed.launch(2, ["--config", "x.yaml"], progress_file=out / "progress.json") == 143

@@ -6,9 +6,11 @@ Writes are atomic: a new checkpoint is written to a temporary directory and rena
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -244,9 +246,37 @@ def _make_readable(d: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Replace the directory `path` with `tmp`. Where the system can, in one atomic exchange; else `path` ->
+    `.<name>.old-PID`, then `tmp` -> `path` (a process killed between the two leaves no `path`: the trainer's
+    `checkpoint.clean_stale` puts the whole one back and deletes `.old-*` leftovers)."""
     if not path.exists():
         os.replace(tmp, path)
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous `path`
         return
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -227,22 +228,70 @@ class RunLock:
             self.file.close()
 
 
+def _complete_state(d: Path) -> bool:
+    """`d` holds a whole resumable checkpoint: trainer_state.json (written last) parses."""
+    try:
+        return isinstance(json.loads((d / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _recoverable(checkpoints: Path, name: str) -> Path | None:
+    """What replaces a missing `checkpoints/<name>` that a save killed between its two renames (`last` ->
+    `.last.old-PID`, `.last.tmp-*` -> `last`) left behind: the newest whole `.<name>.tmp-*` (one with a
+    complete trainer_state.json, which is written last), else the newest `.<name>.old-*`; None if neither."""
+    if (checkpoints / name).exists() or not checkpoints.is_dir():
+        return None
+    def newest(paths: list[Path]) -> Path | None:
+        return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+    tmp = newest([p for p in checkpoints.glob(f".{name}.tmp-*") if p.is_dir() and _complete_state(p)])
+    return tmp or newest([p for p in checkpoints.glob(f".{name}.old-*") if p.is_dir()])
+
+
+def _last_state(run: Path) -> Path | None:
+    """The trainer_state.json of `run`'s last checkpoint, or of the one `clean_stale` will put back there."""
+    last = run / "checkpoints" / "last"
+    if (last / "trainer_state.json").is_file():
+        return last / "trainer_state.json"
+    found = _recoverable(run / "checkpoints", "last")
+    return found / "trainer_state.json" if found is not None and (found / "trainer_state.json").is_file() else None
+
+
+def recover_checkpoints(run: Path) -> None:
+    """Put back `checkpoints/last` and `best` where a killed save left them renamed aside (`_recoverable`);
+    call it holding `lock_run`, as `clean_stale` does."""
+    for name in ("last", "best"):
+        found = _recoverable(run / "checkpoints", name)
+        if found is not None:
+            try:
+                os.replace(found, run / "checkpoints" / name)
+            except OSError as e:
+                raise write_error(run / "checkpoints" / name, e, run) from None
+
+
 def _resumable(run: Path) -> bool:
-    return (run / "checkpoints" / "last" / "trainer_state.json").is_file()
+    return _last_state(run) is not None
 
 
 def clean_stale(out: Path) -> None:
     """Delete what killed runs into `out` left behind; call it holding `lock_run(out)`, so every writer of
-    these is dead: temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`, `.tokenizer-*`), and beside
-    `out` its `.final-*`, `.prepare-*`, `.old-*` (only while `out` itself exists) and `.run-*` directories
-    (a work directory of a new run, kept if it holds a resumable checkpoint)."""
+    these is dead. First `recover_checkpoints` puts back a `last`/`best` that a save killed mid-swap left
+    renamed aside; then it deletes temporary checkpoints (`checkpoints/.last.tmp-*`, `.best.tmp-*`,
+    `.tokenizer-*`, and `.last.old-*`, `.best.old-*` beside an existing `last`/`best`), and beside
+    `out` its `.final-*` (kept if it holds a finished model: config.json and summary.json), `.prepare-*`,
+    `.old-*` (only while `out` itself exists) and `.run-*` directories (a work directory of a new run, kept if
+    it holds a resumable checkpoint). Visible `<name>.finished-*` folders (`finish_run`) are never touched."""
+    recover_checkpoints(out)
     for p in (out / "checkpoints").glob(".*") if (out / "checkpoints").is_dir() else ():
-        if ".tmp-" in p.name or p.name.startswith(".tokenizer-"):
+        if (".tmp-" in p.name or p.name.startswith(".tokenizer-")
+                or (".old-" in p.name and (out / "checkpoints" / p.name[1:].split(".old-")[0]).exists())):
             shutil.rmtree(p, ignore_errors=True)
     if not out.parent.is_dir():
         return
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind = p.name[len(out.name) + 2:].split("-", 1)[0]
+        if kind == "final" and (p / "config.json").is_file() and (p / "summary.json").is_file():
+            continue  # a finished model whose swap into `out` was cut short: never deleted
         if (kind in ("final", "prepare") or (kind == "old" and out.is_dir())
                 or (kind == "run" and not _resumable(p))):
             shutil.rmtree(p, ignore_errors=True)
@@ -258,12 +307,16 @@ def check_out_dir(c: TrainConfig) -> Path:
     out = Path(c.out_dir).expanduser().absolute()
     last = out / "checkpoints" / "last"
     if c.resume:
-        if not (last / "trainer_state.json").is_file():
+        if _last_state(out) is None:
             raise InvalidRequestError(f"nothing to resume: {last} has no trainer_state.json. Start the run without "
                                       "--resume (or pass the --out of the run to continue).")
         return out
-    if (last / "trainer_state.json").is_file() and not (out / "config.json").is_file():
-        step = json.loads((last / "trainer_state.json").read_text()).get("step")
+    state = _last_state(out)
+    if state is not None and not (out / "config.json").is_file():
+        try:
+            step = json.loads(state.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            step = "?"
         raise InvalidRequestError(f"{out} holds an unfinished run (checkpoint at step {step}); continue it with "
                                   "--resume, or choose another --out (or delete it) to start over.")
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
@@ -299,26 +352,63 @@ def work_dir(out: Path, resume: bool) -> Path:
 def finish_run(work: Path, model: torch.nn.Module, mconfig: ModelConfig, dtype: torch.dtype, tokenizer_dir: Path,
                generation: dict, out: Path | None = None) -> None:
     """Write the final checkpoint beside `out` (default `work`), move the run's files from `work` into it, and
-    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`."""
+    swap it in for `out` whole; a separate `work` directory is then deleted. Raises `CheckpointWriteError`.
+
+    Nothing finished is ever lost: if the run's files cannot be moved, they go back to `work` (still
+    resumable); if the swap itself fails (an immutable, read-only or busy `out`), `out` is left as it was and
+    the finished model is renamed to the visible `<name>.finished-<time>` beside it (which `clean_stale` never
+    touches), and the error says where it is."""
     out = work if out is None else out
     final = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(final, ignore_errors=True)
     write_checkpoint(final, model, mconfig, dtype, tokenizer_dir, generation)
+    moved: list[str] = []
     try:
         for name in RUN_FILES:
             if (work / name).exists():
                 os.replace(work / name, final / name)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+                moved.append(name)
+    except OSError as e:
+        for name in moved:  # put the run back where --resume finds it
+            try:
+                os.replace(final / name, work / name)
+            except OSError:
+                pass
+        if not any((final / name).exists() for name in RUN_FILES):
+            shutil.rmtree(final, ignore_errors=True)
+        raise write_error(work, e, work) from None
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
         if out.exists():
             os.replace(out, old)
         try:
             os.replace(final, out)
         except BaseException:
-            if old.exists():
+            if old.exists() and not out.exists():
                 os.replace(old, out)
             raise
     except OSError as e:
-        raise write_error(out, e, work) from None
+        raise _kept_finished(final, out, e) from None
     shutil.rmtree(old, ignore_errors=True)
     if work != out:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _kept_finished(final: Path, out: Path, e: OSError) -> CheckpointWriteError:
+    """The error of a failed final swap, after renaming the finished model `final` to a visible, kept name."""
+    reason = e.strerror or str(e) or type(e).__name__
+    kept = final
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        candidate = out.parent / (f"{out.name}.finished-{stamp}" + ("" if not i else f"-{i}"))
+        if candidate.exists():
+            continue
+        try:
+            os.replace(final, candidate)
+            kept = candidate
+        except OSError:
+            pass
+        break
+    return CheckpointWriteError(f"could not move the finished model into {out}: {reason}. The trained model is at "
+                                f"{kept}; move it into place yourself (e.g. `mv {kept} {out}` once {out} can be "
+                                "replaced).")

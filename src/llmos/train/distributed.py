@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -204,6 +206,7 @@ def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None 
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     env[RANK_ERRORS] = errors
+    started = time.time()
     proc = subprocess.Popen(command, env=env, start_new_session=True,
                             preexec_fn=_pdeathsig_kill if sys.platform.startswith("linux") else None)
     stopped: list[int] = []
@@ -225,14 +228,39 @@ def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None 
 
         shutil.rmtree(errors, ignore_errors=True)
     if stopped and progress_file is not None:
-        try:
-            if json.loads(open(progress_file).read()).get("state") == "suspended":
-                return 0
-        except (OSError, ValueError):
-            pass
+        found = run_progress(progress_file, since=started)
+        if found is not None and found.get("state") == "suspended":
+            return 0
     if status and error is not None:
         raise error
     return status
+
+
+def run_progress(progress_file: str | os.PathLike, since: float = 0.0) -> dict | None:
+    """The progress.json this run wrote: `progress_file` (`<out>/progress.json`) or, for a new run into a
+    finished --out, the one in its work directory `.<name>.run-<pid of rank 0>` beside it
+    (`checkpoint.work_dir`); the newest written at or after `since` (a time.time()), None if none is."""
+    import json
+
+    progress_file = Path(progress_file)
+    out = progress_file.parent
+    candidates = [progress_file, *out.parent.glob(f".{out.name}.run-*/{progress_file.name}")]
+    dated = []
+    for p in candidates:
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:
+            continue
+        if mtime >= since - 1:
+            dated.append((mtime, p))
+    for _, p in sorted(dated, key=lambda t: t[0], reverse=True):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict):
+            return d
+    return None
 
 
 def report_rank_error(error: LlmosError) -> bool:
