@@ -677,3 +677,29 @@ def test_replacing_a_checkpoint_is_one_atomic_exchange_on_linux(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     got = load_model(path)[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got.state_dict().values()))
+
+
+def test_a_resumed_new_run_into_a_finished_checkpoint_replaces_it_at_the_end(tmp_path, text, monkeypatch):
+    """A new run into a finished --out trains in `.<name>.run-<pid>`; stopped there and resumed with
+    `--out .<name>.run-<pid> --resume` (what its message says), it still replaces --out when it finishes."""
+    import llmos.model.loader as loader
+
+    train(tiny(tmp_path, max_steps=2))
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    real, calls = loader.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint of the new run fails: it stops with a resumable work dir
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "save_file", failing)
+    with pytest.raises(CheckpointWriteError):
+        train(tiny(tmp_path, max_steps=6, seed=9))
+    monkeypatch.setattr(loader, "save_file", real)
+    [work] = [p for p in tmp_path.iterdir() if p.name.startswith(".run.run-")]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == first  # untouched meanwhile
+    train(tiny(tmp_path, work.name, max_steps=6, seed=9, resume=True))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+    assert not work.exists()

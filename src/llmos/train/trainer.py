@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -455,6 +456,11 @@ def _checks(c: TrainConfig, lock: list) -> tuple[str, str]:
     mconfig = check_init_from(c) if c.init_from else None
     if c.lora_rank > 0:  # a bad --lora-targets fails here, before any data is prepared (only the family matters)
         _finetune().lora_target_modules(mconfig or types.SimpleNamespace(model_type=c.arch), c.lora_targets)
+    replaces = re.fullmatch(r"\.(.+)\.run-\d+", out.name) if c.resume else None
+    if replaces:  # the resumed work directory of a new run into a finished checkpoint: it still replaces that
+        dest = out.parent / replaces.group(1)
+        lock.append(lock_run(dest))
+        return str(dest), str(out)
     return str(out), str(work_dir(out, c.resume))
 
 
