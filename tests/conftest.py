@@ -53,3 +53,13 @@ def tiny_model_dir(tmp_path_factory):
 def model_factory():
     """`make_model_dir` for tests that need a second checkpoint (no `from conftest import`: names clash)."""
     return make_model_dir
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (torch's intra-op pool), restored afterwards: the machine is shared, and
+    single-threaded results are reproducible. Modules use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,13 +29,7 @@ LAYERS, HIDDEN, CONTEXT = 2, 32, 160
 SLOT = StatePool.bytes_per_slot(LAYERS, HIDDEN, torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread in these tests (the machine is shared), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

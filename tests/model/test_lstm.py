@@ -14,13 +14,7 @@ from llmos.model.lstm import LSTMForCausalLM, StateSegment
 from llmos.model.transformer import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread in these tests (the machine is shared), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw):

@@ -55,18 +55,7 @@ def easy_rows(n_per_label=40, seed=0):
     return rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory, model_factory):
-    return {family: model_factory(tmp_path_factory.mktemp(family), family=family, max_positions=64)
-            for family in ("llama", "qwen2", "gpt2")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,7 @@ class FTConfig:
     lora_merge: bool = True
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory, model_factory):
-    """Tiny random checkpoints written by transformers, one per family."""
-    return {family: model_factory(tmp_path_factory.mktemp(family), family=family, max_positions=64)
-            for family in ("llama", "qwen2", "gpt2")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids_batch(vocab, seed=0, shape=(2, 24)):
