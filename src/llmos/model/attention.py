@@ -64,13 +64,14 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_written: bool = False
+                    ) -> torch.Tensor:
     """Causal attention of new tokens over everything their sequence has in the paged cache.
 
     Args: `q` `[N, heads, head_dim]`, `k`/`v` `[N, kv_heads, head_dim]` (the new rows, already
     rotated), caches `[num_blocks, block_size, kv_heads, head_dim]`. Returns `[N, heads, head_dim]`.
 
-    Writes the new K/V first (slot mapping). Then each sequence gathers only its own blocks
+    Writes the new K/V first (slot mapping), unless `kv_written` says the caller already has. Then each sequence gathers only its own blocks
     (`index_select` by its block table) and attends with SDPA (grouped-query attention via
     `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
     keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was
@@ -78,7 +79,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     attends over its own new rows and reads no cache at all. On the CPU in float32, decode rows
     instead go to the native kernel (`llmos.model.native`), which reads the blocks in place.
     """
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if not kv_written:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     kv_shape = k_cache.shape[2:]

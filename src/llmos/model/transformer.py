@@ -18,14 +18,13 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that sends decode-sized inputs (at most `native.SMALL_M` rows, float32 CPU, no autograd)
-    to the native one-pass kernel, which runs at memory bandwidth where BLAS does not."""
+    """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear`: the one-pass
+    kernel for a few rows (decode), oneDNN's matmul for more; training and other devices use `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and x.numel() <= native.SMALL_M * x.shape[-1]
-                and self.weight.is_contiguous() and native.library() is not None):
-            return native.linear_small_m(x, self.weight, self.bias)
+                and not torch.is_grad_enabled()):
+            return native.cpu_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -136,11 +135,6 @@ class CausalLM(nn.Module):
     config: ModelConfig
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.lm_head.weight
-        if hidden.device.type == "cpu" and hidden.shape[0] > native.SMALL_M and not torch.is_grad_enabled():
-            # [vocab, hidden] @ [hidden, M]: MKL runs this orientation 1.2-1.5x faster than [M, hidden] @ W^T
-            # for a wide vocabulary (measured on the 2-core EPYC); the result is a transposed view.
-            return torch.mm(w, hidden.t()).t().float()
         return self.lm_head(hidden).float()
 
 
@@ -173,10 +167,75 @@ class LlamaForCausalLM(CausalLM):
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                       meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if fused_cpu_path(x, kv_caches):
+            return self._forward_paged_fused(x, positions, kv_caches, meta)
         cos, sin = self.rope(positions, x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         return self.model.norm(x)
+
+
+    # ---- the fused float32 CPU path of forward_paged ----
+
+    def fuse_projections(self) -> None:
+        """Concatenate each layer's q/k/v and gate/up weights (and biases) into one tensor, and make the original
+        parameters views of it: one matmul instead of three (two) per layer, no extra memory, and the state
+        dict (names, shapes, values) unchanged. Idempotent."""
+        if getattr(self, "_fused", False):
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.qkv_weight, a.qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
+                m.gate_up_weight, m.gate_up_bias = _fuse([m.gate_proj, m.up_proj])
+        self._fused = True
+
+    def _forward_paged_fused(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                             meta: AttentionMetadata) -> torch.Tensor:
+        """`forward_paged` in few calls per layer: fused projections (`fuse_projections`), and the native
+        residual-add + RMSNorm, rotary + K/V write and SwiGLU kernels (`llmos.model.native`). Same math."""
+        self.fuse_projections()
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        layers = self.model.layers
+        h = native.add_rms_norm(x, None, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            a, m = layer.self_attn, layer.mlp
+            qkv = native.cpu_linear(h, a.qkv_weight, a.qkv_bias)
+            q, k, v = native.rope_write_kv(qkv, cos, sin, meta.slot_mapping, kv[0], kv[1], a.num_heads,
+                                           a.num_kv_heads, a.head_dim)
+            o = paged_attention(q, k, v, kv[0], kv[1], meta, a.scale, kv_written=True)
+            o = native.cpu_linear(o.view(o.shape[0], -1), a.o_proj.weight, a.o_proj.bias)
+            norm = layer.post_attention_layernorm
+            h = native.add_rms_norm(x, o, norm.weight, norm.eps)
+            gu = native.cpu_linear(h, m.gate_up_weight, m.gate_up_bias)
+            d = native.cpu_linear(native.silu_mul(gu), m.down_proj.weight, m.down_proj.bias)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = native.add_rms_norm(x, d, norm.weight, norm.eps)
+        return h
+
+
+def fused_cpu_path(x: torch.Tensor, kv_caches: KVCaches) -> bool:
+    """Whether `forward_paged` can take the fused native path: float32 on the CPU, contiguous float32 caches,
+    no autograd, and the native library built."""
+    k = kv_caches[0][0] if kv_caches else None
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and k is not None and k.dtype == torch.float32
+            and k.is_contiguous() and kv_caches[0][1].is_contiguous() and not torch.is_grad_enabled()
+            and native.library() is not None)
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One `[sum(out), in]` weight (and bias) for `linears`; each linear's parameters become row views of it."""
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row:row + n]
+        if bias is not None:
+            lin.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
 
 
 # ---- GPT-2 ---------------------------------------------------------------------------------------

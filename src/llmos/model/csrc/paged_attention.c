@@ -100,3 +100,82 @@ void linear_small_m(const float *x, const float *w, const float *bias, float *y,
         }
     }
 }
+
+/* ---- Fused elementwise steps of a Llama layer (the kernel's forward pass, float32 CPU) ----------------------
+ * Each replaces several PyTorch operator calls (and their temporaries) by one pass over the rows. */
+
+/* x[m, n] (+)= h (when h is not NULL), then out = x * rsqrt(mean(x^2) + eps) * w: RMSNorm (Zhang & Sennrich
+ * 2019) after the residual add, as transformers' LlamaRMSNorm computes it in float32. */
+void add_rms_norm(float *x, const float *h, const float *w, float *out, int64_t m, int64_t n, float eps,
+                  int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (m * n >= 32768)
+    for (int64_t i = 0; i < m; i++) {
+        float *xi = x + i * n, *oi = out + i * n;
+        float ss = 0.0f;
+        if (h) {
+            const float *hi = h + i * n;
+            for (int64_t j = 0; j < n; j++) { xi[j] += hi[j]; ss += xi[j] * xi[j]; }
+        } else {
+            for (int64_t j = 0; j < n; j++) ss += xi[j] * xi[j];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)n + eps);
+        for (int64_t j = 0; j < n; j++) oi[j] = (xi[j] * r) * w[j];
+    }
+}
+
+/* Rotary embedding (Su et al. 2021, half-split layout as in transformers' rotate_half) of the fused q/k/v
+ * projection, and the K/V write into the paged cache.
+ * qkv: [n, (h + 2 kvh) d] rows (q heads, then k heads, then v heads); cos, sin: [n, d / 2] (angles of each
+ * row's position); slots: [n] (block * block_size + offset); q_out [n, h, d], k_out, v_out [n, kvh, d];
+ * k_cache, v_cache: [slots, kvh, d] contiguous. */
+void rope_write_kv(const float *qkv, const float *cos_t, const float *sin_t, const int64_t *slots, float *q_out,
+                   float *k_out, float *v_out, float *k_cache, float *v_cache, int64_t n, int64_t h, int64_t kvh,
+                   int64_t d, int num_threads) {
+    const int64_t half = d / 2, width = (h + 2 * kvh) * d;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * width >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = qkv + i * width, *c = cos_t + i * half, *s = sin_t + i * half;
+        for (int64_t head = 0; head < h + kvh; head++) {
+            const float *x = row + head * d;
+            float *o = head < h ? q_out + (i * h + head) * d : k_out + (i * kvh + head - h) * d;
+            for (int64_t j = 0; j < half; j++) {
+                o[j] = x[j] * c[j] - x[j + half] * s[j];
+                o[j + half] = x[j + half] * c[j] + x[j] * s[j];
+            }
+        }
+        const float *v = row + (h + kvh) * d;
+        float *ko = k_out + i * kvh * d, *vo = v_out + i * kvh * d;
+        float *kc = k_cache + slots[i] * kvh * d, *vc = v_cache + slots[i] * kvh * d;
+        for (int64_t j = 0; j < kvh * d; j++) { vo[j] = v[j]; kc[j] = ko[j]; vc[j] = v[j]; }
+    }
+}
+
+/* exp(x) in float32 for the vectorizer: Cody-Waite range reduction x = k ln2 + r, |r| <= ln2 / 2, and Cephes'
+ * degree-6 polynomial for e^r (relative error about 1e-7, within 2 ulp); inputs clamped to [-87.3, 88.7]. */
+static inline float exp_f32(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    const float k = rintf(x * 1.44269504088896341f);
+    float r = fmaf(k, -0.693359375f, x);  /* fmaf: two steps the compiler's reassociation leaves alone */
+    r = fmaf(k, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)k + 127) << 23;
+    return p * scale.f;
+}
+
+/* SwiGLU's gate (Shazeer 2020): out[m, inter] = silu(gu[:, :inter]) * gu[:, inter:], silu(x) = x / (1 + e^-x),
+ * for the fused gate/up projection gu [m, 2 inter]. */
+void silu_mul(const float *gu, float *out, int64_t m, int64_t inter, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (m * inter >= 32768)
+    for (int64_t i = 0; i < m; i++) {
+        const float *g = gu + i * 2 * inter, *u = g + inter;
+        float *o = out + i * inter;
+        for (int64_t j = 0; j < inter; j++) o[j] = g[j] / (1.0f + exp_f32(-g[j])) * u[j];
+    }
+}
