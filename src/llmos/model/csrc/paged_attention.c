@@ -10,40 +10,52 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-/* One work item: sequence s, kv heads [g0, g1). For each cached token the item reads one contiguous
- * slice of the K (then V) row covering all its heads, so the reads stream. */
-static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t ctx,
+static void exp_chunk(const float *x, float *y, int64_t n);
+#define EXP_CHUNK 256
+
+/* One work item: sequence s, kv heads [g0, g1). Three passes: scores [nh, ctx] (each cached K row read once,
+ * as one contiguous slice covering all the item's heads), then per head the max, e^(score - max) (vectorized,
+ * exp_chunk) and their sum, then the weighted sum of V rows. */
+static inline __attribute__((always_inline)) void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t ctx,
                    float *out, int64_t g0, int64_t g1, int64_t group, int64_t head_dim, int64_t token_stride,
                    int64_t block_size, float scale) {
     const int64_t nh = (g1 - g0) * group;   /* query heads in this item */
     const float *qs = q + g0 * group * head_dim;
     float *os = out + g0 * group * head_dim;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(ctx * nh));  /* [ctx, nh] */
-    float *max_score = (float *)malloc(sizeof(float) * (size_t)nh);
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(ctx * nh));  /* [nh, ctx] */
     float *sum = (float *)malloc(sizeof(float) * (size_t)nh);
-    for (int64_t h = 0; h < nh; h++) { max_score[h] = -INFINITY; sum[h] = 0.0f; }
     for (int64_t t = 0; t < ctx; t++) {
         const float *row = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
                            + g0 * head_dim;
         for (int64_t h = 0; h < nh; h++) {
-            const float *kp = row + (h / group) * head_dim, *qh = qs + h * head_dim;
+            const float *restrict kp = row + (h / group) * head_dim, *restrict qh = qs + h * head_dim;
             float dot = 0.0f;
             for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kp[d];
-            dot *= scale;
-            scores[t * nh + h] = dot;
-            if (dot > max_score[h]) max_score[h] = dot;
+            scores[h * ctx + t] = dot * scale;
         }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *restrict sh = scores + h * ctx;
+        float mx = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) mx = sh[t] > mx ? sh[t] : mx;
+        for (int64_t t = 0; t < ctx; t++) sh[t] -= mx;
+        for (int64_t t0 = 0; t0 < ctx; t0 += EXP_CHUNK) {
+            const int64_t n = ctx - t0 < EXP_CHUNK ? ctx - t0 : EXP_CHUNK;
+            exp_chunk(sh + t0, sh + t0, n);
+        }
+        for (int64_t t = 0; t < ctx; t++) total += sh[t];
+        sum[h] = total;
     }
     for (int64_t i = 0; i < nh * head_dim; i++) os[i] = 0.0f;
     for (int64_t t = 0; t < ctx; t++) {
         const float *row = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
                            + g0 * head_dim;
         for (int64_t h = 0; h < nh; h++) {
-            const float p = expf(scores[t * nh + h] - max_score[h]);
-            const float *vp = row + (h / group) * head_dim;
-            float *o = os + h * head_dim;
-            sum[h] += p;
+            const float p = scores[h * ctx + t];
+            const float *restrict vp = row + (h / group) * head_dim;
+            float *restrict o = os + h * head_dim;
             for (int64_t d = 0; d < head_dim; d++) o[d] += p * vp[d];
         }
     }
@@ -51,7 +63,7 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
         const float inv = 1.0f / sum[h];
         for (int64_t d = 0; d < head_dim; d++) os[h * head_dim + d] *= inv;
     }
-    free(scores); free(max_score); free(sum);
+    free(scores); free(sum);
 }
 
 void paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
@@ -66,9 +78,20 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
     for (int64_t s = 0; s < num_seqs; s++) {
         for (int64_t i = 0; i < splits; i++) {
             const int64_t g0 = num_kv_heads * i / splits, g1 = num_kv_heads * (i + 1) / splits;
-            attend(q + s * num_heads * head_dim, k_cache, v_cache, block_tables + s * max_blocks, context_lens[s],
-                   out + s * num_heads * head_dim, g0, g1, group, head_dim, num_kv_heads * head_dim, block_size,
-                   scale);
+            const float *qs = q + s * num_heads * head_dim;
+            const int64_t *table = block_tables + s * max_blocks;
+            float *os = out + s * num_heads * head_dim;
+            /* A constant head size lets the compiler unroll the per-token dot and axpy loops fully. */
+            switch (head_dim) {
+            case 32: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 32,
+                            num_kv_heads * 32, block_size, scale); break;
+            case 64: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 64,
+                            num_kv_heads * 64, block_size, scale); break;
+            case 128: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 128,
+                             num_kv_heads * 128, block_size, scale); break;
+            default: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, head_dim,
+                            num_kv_heads * head_dim, block_size, scale);
+            }
         }
     }
 }
@@ -150,23 +173,30 @@ void rope_write_kv(const float *qkv, const float *cos_t, const float *sin_t, con
     }
 }
 
-/* exp(x) in float32 for the vectorizer: Cody-Waite range reduction x = k ln2 + r, |r| <= ln2 / 2, and Cephes'
- * degree-6 polynomial for e^r (relative error about 1e-7, within 2 ulp); inputs clamped to [-87.3, 88.7]. */
-static inline float exp_f32(float x) {
-    x = fminf(fmaxf(x, -87.3f), 88.7f);
-    const float k = rintf(x * 1.44269504088896341f);
-    float r = fmaf(k, -0.693359375f, x);  /* fmaf: two steps the compiler's reassociation leaves alone */
-    r = fmaf(k, 2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)k + 127) << 23;
-    return p * scale.f;
+/* e^x for a chunk of n <= EXP_CHUNK floats (y may be x), written for the vectorizer: Cody-Waite range reduction
+ * x = k ln2 + r with |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (relative error about 1e-7), and 2^k
+ * built from its exponent bits; inputs clamped to [-87.3, 88.7]. The bits pass through an int array and one
+ * memcpy, which every loop here vectorizes (a per-element type pun does not). */
+static void exp_chunk(const float *x, float *y, int64_t n) {
+    int32_t bits[EXP_CHUNK];
+    float scale[EXP_CHUNK];
+    for (int64_t j = 0; j < n; j++) {
+        float v = x[j] < -87.3f ? -87.3f : x[j];
+        v = v > 88.7f ? 88.7f : v;
+        const float k = rintf(v * 1.44269504088896341f);
+        float r = fmaf(k, -0.693359375f, v);  /* fmaf: two steps the compiler's reassociation leaves alone */
+        r = fmaf(k, 2.12194440e-4f, r);
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        y[j] = p * (r * r) + r + 1.0f;
+        bits[j] = ((int32_t)k + 127) << 23;
+    }
+    memcpy(scale, bits, sizeof(float) * (size_t)n);
+    for (int64_t j = 0; j < n; j++) y[j] *= scale[j];
 }
 
 /* SwiGLU's gate (Shazeer 2020): out[m, inter] = silu(gu[:, :inter]) * gu[:, inter:], silu(x) = x / (1 + e^-x),
@@ -174,8 +204,14 @@ static inline float exp_f32(float x) {
 void silu_mul(const float *gu, float *out, int64_t m, int64_t inter, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (m * inter >= 32768)
     for (int64_t i = 0; i < m; i++) {
-        const float *g = gu + i * 2 * inter, *u = g + inter;
-        float *o = out + i * inter;
-        for (int64_t j = 0; j < inter; j++) o[j] = g[j] / (1.0f + exp_f32(-g[j])) * u[j];
+        const float *restrict g = gu + i * 2 * inter, *restrict u = g + inter;
+        float *restrict o = out + i * inter;
+        float neg[EXP_CHUNK], e[EXP_CHUNK];
+        for (int64_t j0 = 0; j0 < inter; j0 += EXP_CHUNK) {
+            const int64_t n = inter - j0 < EXP_CHUNK ? inter - j0 : EXP_CHUNK;
+            for (int64_t j = 0; j < n; j++) neg[j] = -g[j0 + j];
+            exp_chunk(neg, e, n);
+            for (int64_t j = 0; j < n; j++) o[j0 + j] = g[j0 + j] / (1.0f + e[j]) * u[j0 + j];
+        }
     }
 }
