@@ -21,10 +21,14 @@ class Linear(nn.Linear):
     """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear`: the one-pass
     kernel for a few rows (decode), oneDNN's matmul for more; training and other devices use `F.linear`."""
 
+    packed: native.PackedWeight | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and not torch.is_grad_enabled()):
-            return native.cpu_linear(x, self.weight, self.bias)
+            if self.packed is None:
+                self.packed = native.PackedWeight()
+            return native.cpu_linear(x, self.weight, self.bias, self.packed)
         return super().forward(x)
 
 
@@ -188,6 +192,7 @@ class LlamaForCausalLM(CausalLM):
                 a, m = layer.self_attn, layer.mlp
                 a.qkv_weight, a.qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
                 m.gate_up_weight, m.gate_up_bias = _fuse([m.gate_proj, m.up_proj])
+                a.qkv_packed, m.gate_up_packed = native.PackedWeight(), native.PackedWeight()
         self._fused = True
 
     def _forward_paged_fused(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
@@ -201,15 +206,15 @@ class LlamaForCausalLM(CausalLM):
         h = native.add_rms_norm(x, None, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
             a, m = layer.self_attn, layer.mlp
-            qkv = native.cpu_linear(h, a.qkv_weight, a.qkv_bias)
+            qkv = native.cpu_linear(h, a.qkv_weight, a.qkv_bias, a.qkv_packed)
             q, k, v = native.rope_write_kv(qkv, cos, sin, meta.slot_mapping, kv[0], kv[1], a.num_heads,
                                            a.num_kv_heads, a.head_dim)
             o = paged_attention(q, k, v, kv[0], kv[1], meta, a.scale, kv_written=True)
-            o = native.cpu_linear(o.view(o.shape[0], -1), a.o_proj.weight, a.o_proj.bias)
+            o = a.o_proj(o.view(o.shape[0], -1))
             norm = layer.post_attention_layernorm
             h = native.add_rms_norm(x, o, norm.weight, norm.eps)
-            gu = native.cpu_linear(h, m.gate_up_weight, m.gate_up_bias)
-            d = native.cpu_linear(native.silu_mul(gu), m.down_proj.weight, m.down_proj.bias)
+            gu = native.cpu_linear(h, m.gate_up_weight, m.gate_up_bias, m.gate_up_packed)
+            d = m.down_proj(native.silu_mul(gu))
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = native.add_rms_norm(x, d, norm.weight, norm.eps)
         return h
