@@ -1,4 +1,5 @@
-"""The native paged decode kernel against the torch gather + SDPA path (the oracle)."""
+"""The native CPU kernels against their PyTorch formulas: paged attention against the torch gather + SDPA path
+(the oracle), the fused Llama-layer steps, and the CPU linear dispatch against `F.linear`."""
 
 import random
 
@@ -9,31 +10,117 @@ from llmos.model import native
 from llmos.model.attention import AttentionMetadata, Segment, paged_attention
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler on this machine: the torch path is used")
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 16, 4), (8, 2, 64, 16), (12, 12, 64, 16)])
-def test_native_decode_matches_torch_path(heads, kv_heads, head_dim, block_size):
-    rng = random.Random(heads * 100 + head_dim)
-    torch.manual_seed(head_dim)
-    num_blocks = 64
+needs_cc = pytest.mark.skipif(native.library() is None, reason="no C compiler on this machine: the torch path is used")
+
+
+def _batch(rng, lens, new, block_size, num_blocks, kv_heads, head_dim):
+    """Sequences of `lens` tokens whose last `new[i]` are this step's rows: caches holding their older tokens,
+    block tables, slots, segments."""
     kc = torch.randn(num_blocks, block_size, kv_heads, head_dim)
     vc = torch.randn(num_blocks, block_size, kv_heads, head_dim)
-    lens = [rng.randint(1, 8 * block_size) for _ in range(7)]
     free = list(range(num_blocks))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    slots, positions, segments, row = [], [], [], 0
+    for t, n, m in zip(tables, lens, new):
+        for pos in range(n - m, n):
+            slots.append(t[pos // block_size] * block_size + pos % block_size)
+            positions.append(pos)
+        segments.append(Segment(row, m, n, torch.tensor(t)))
+        row += m
+    return kc, vc, torch.tensor(slots), torch.tensor(positions), segments
+
+
+@needs_cc
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 16, 4), (8, 2, 64, 16), (12, 12, 64, 16),
+                                                                (8, 4, 32, 16), (2, 1, 128, 8)])
+def test_native_decode_matches_torch_path(heads, kv_heads, head_dim, block_size):
+    rng = random.Random(heads * 100 + head_dim)
+    torch.manual_seed(head_dim)
+    lens = [rng.randint(1, 8 * block_size) for _ in range(7)]
+    kc, vc, slots, positions, segments = _batch(rng, lens, [1] * len(lens), block_size, 64, kv_heads, head_dim)
     q = torch.randn(len(lens), heads, head_dim)
     k = torch.randn(len(lens), kv_heads, head_dim)
     v = torch.randn(len(lens), kv_heads, head_dim)
-    slots = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)])
-    segments = [Segment(i, 1, n, torch.tensor(t)) for i, (t, n) in enumerate(zip(tables, lens))]
     scale = head_dim ** -0.5
     ref = paged_attention(q, k, v, kc.clone(), vc.clone(), AttentionMetadata(slots, segments), scale)
-    meta = AttentionMetadata(slots, segments).with_decode_tables(tables, lens)
+    meta = AttentionMetadata(slots, segments).with_row_tables(positions)
     got = paged_attention(q, k, v, kc, vc, meta, scale)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler on this machine: the torch path is used")
+@needs_cc
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 4), (8, 4, 32, 16), (6, 6, 48, 16)])
+def test_native_mixed_batch_matches_torch_path(heads, kv_heads, head_dim, block_size):
+    """Decode rows, whole prompts (nothing cached before them) and later prefill chunks (a cached prefix) in
+    one batch: every row attends causally, as the torch path (SDPA per segment) computes it."""
+    rng = random.Random(heads + head_dim)
+    torch.manual_seed(heads)
+    lens = [37, 5, 64, 90, 1, 23]
+    new = [1, 5, 64, 17, 1, 9]  # decode, whole prompt, whole prompt, chunk after 73 cached, decode, chunk
+    kc, vc, slots, positions, segments = _batch(rng, lens, new, block_size, 128, kv_heads, head_dim)
+    n = sum(new)
+    q, k, v = torch.randn(n, heads, head_dim), torch.randn(n, kv_heads, head_dim), torch.randn(n, kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    ref = paged_attention(q, k, v, kc.clone(), vc.clone(), AttentionMetadata(slots, segments), scale)
+    meta = AttentionMetadata(slots, segments).with_row_tables(positions)
+    assert meta.row_table is not None
+    got = paged_attention(q, k, v, kc, vc, meta, scale)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [1, 5, 32, 300])
+def test_fused_elementwise_kernels_match_torch(rows):
+    """Residual + RMSNorm, rotary + K/V write, and SwiGLU's gate against their PyTorch formulas."""
+    from llmos.model.transformer import apply_rope
+
+    torch.manual_seed(rows)
+    x, h, w = torch.randn(rows, 64), torch.randn(rows, 64), torch.randn(64)
+    x0 = x.clone()
+    got = native.add_rms_norm(x, h, w, 1e-5)
+    torch.testing.assert_close(x, x0 + h)
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x0 + h, (64,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native.add_rms_norm(x0.clone(), None, w, 1e-5),
+                               torch.nn.functional.rms_norm(x0, (64,), w, 1e-5), atol=1e-5, rtol=1e-5)
+
+    heads, kv_heads, d = 4, 2, 16
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d)
+    freqs = torch.arange(rows, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(0, d, 2) / d))
+    slots = torch.randperm(rows + 7)[:rows]
+    kc, vc = torch.zeros(rows + 7, 1, kv_heads, d), torch.zeros(rows + 7, 1, kv_heads, d)
+    q, k, v = native.rope_write_kv(qkv, freqs.cos(), freqs.sin(), slots, kc, vc, heads, kv_heads, d)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    rq, rk, rv = qkv.view(rows, -1, d).split([heads, kv_heads, kv_heads], dim=1)
+    torch.testing.assert_close(q, apply_rope(rq, emb.cos(), emb.sin()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, apply_rope(rk, emb.cos(), emb.sin()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(kc[slots, 0], k)
+    torch.testing.assert_close(vc[slots, 0], v)
+
+    gu = torch.randn(rows, 2 * 48) * 8  # wide range: e^-x near both ends of float32
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-3])
+    torch.testing.assert_close(native.silu_mul(gu), torch.nn.functional.silu(gu[:, :48]) * gu[:, 48:],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, 17, 64, 65, 513])
+def test_cpu_linear_matches_f_linear(rows):
+    """Every path of the CPU linear (one-pass kernel, oneDNN with padded rows, plain or prepacked weight)."""
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 96), torch.randn(200, 96), torch.randn(200)
+    ref = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(native.cpu_linear(x, w, b), ref, atol=1e-4, rtol=1e-5)
+    packed = native.PackedWeight()
+    torch.testing.assert_close(native.cpu_linear(x, w, b, packed), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.cpu_linear(x[None], w, None, packed), (x @ w.t())[None], atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change: the packed copy is rebuilt
+    torch.testing.assert_close(native.cpu_linear(x, w, b, packed), torch.nn.functional.linear(x, w, b),
+                               atol=1e-4, rtol=1e-5)
+
+
+@needs_cc
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
 def test_linear_small_m_matches_torch(rows):
     torch.manual_seed(rows)
@@ -42,7 +129,7 @@ def test_linear_small_m_matches_torch(rows):
     torch.testing.assert_close(native.linear_small_m(x[None], w, None), (x @ w.t())[None], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler on this machine: the torch path is used")
+@needs_cc
 def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
     """-ffast-math would link crtfastmath.o, which turns on flush-to-zero for the whole process that loads the
     library: subnormal floats would become 0 everywhere (hypothesis refuses to run in such a process)."""

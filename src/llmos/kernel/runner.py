@@ -74,29 +74,25 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         segments, sample_rows, sampling = [], [], []
-        decode_tables, decode_lens = [], []
         for p, n in batch.items:
             start, row = p.num_computed_tokens, len(ids)
             table = self.block_manager.block_table(p.pid)[: -(-(start + n) // bs)]
             ids.extend(p.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
             if n == 1:  # decode: one slot, no tensor arithmetic
+                positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
-                if start > 0 and len(decode_tables) == len(segments):  # decodes come first in the batch
-                    decode_tables.append(table)
-                    decode_lens.append(start + 1)
             else:
-                pos = torch.arange(start, start + n)
-                slots.extend((torch.tensor(table)[pos // bs] * bs + pos % bs).tolist())
-            segments.append(Segment(row, n, start + n, torch.tensor(table, dtype=torch.int64, device=dev)))
+                positions.extend(range(start, start + n))
+                slots.extend([table[i // bs] * bs + i % bs for i in range(start, start + n)])
+            segments.append(Segment(row, n, start + n, table, dev))
             if start + n == p.num_tokens:
                 sample_rows.append(row + n - 1)
                 sampling.append(p)
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), segments)
         if dev.type == "cpu":
-            meta.with_decode_tables(decode_tables, decode_lens)
-        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
-                meta, sample_rows, sampling)
+            meta.with_row_tables(positions_t)
+        return torch.tensor(ids, dtype=torch.int64, device=dev), positions_t, meta, sample_rows, sampling
 
     def prepare_state(self, batch: ScheduledBatch):
         """Flatten the batch for a recurrent model: `ids` `[N]`, one state segment per item (its rows and its

@@ -19,14 +19,22 @@ class Segment:
     """One sequence's new tokens in the flattened batch (a decode row or a prefill chunk).
 
     Rows `start : start + length` of the batch are its new tokens; after they are written the sequence
-    has `context_len` tokens in the cache, the new ones last. `block_table` is `[num_blocks]` int64 and
-    covers exactly `context_len` tokens.
+    has `context_len` tokens in the cache, the new ones last. `table` is its block table, `[num_blocks]`
+    int64 (a tensor, or a list made into one on first use of `block_table`), covering exactly `context_len`
+    tokens.
     """
 
     start: int
     length: int
     context_len: int
-    block_table: torch.Tensor
+    table: torch.Tensor | list[int]
+    device: torch.device | str = "cpu"
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        if not isinstance(self.table, torch.Tensor):
+            self.table = torch.tensor(self.table, dtype=torch.int64, device=self.device)
+        return self.table
 
 
 @dataclass
@@ -35,24 +43,27 @@ class AttentionMetadata:
 
     - `slot_mapping`: `[N]` int64, `block_id * block_size + offset` where each row's K/V is written.
     - `segments`: one `Segment` per sequence in the batch, in row order.
-    - `num_decode`: the first `num_decode` segments are decode rows (one token each, rows 0..num_decode-1);
-      `decode_tables` `[num_decode, max_blocks]` int64 (padded with 0) and `decode_lens` `[num_decode]`
-      int64 describe them for the native kernel, built once per step by `with_decode_tables`.
+    - `tables` `[S, max_blocks]` int64 (the segments' block tables, padded with 0), `row_table` `[N]` (each
+      row's segment) and `row_ctx` `[N]` (each row's position + 1): the same batch described per row for the
+      native CPU kernel, built once per step by `with_row_tables` (None when not built).
     """
 
     slot_mapping: torch.Tensor
     segments: list[Segment] = field(default_factory=list)
-    num_decode: int = 0
-    decode_tables: torch.Tensor | None = None
-    decode_lens: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    row_table: torch.Tensor | None = None
+    row_ctx: torch.Tensor | None = None
 
-    def with_decode_tables(self, tables: list[list[int]], lens: list[int]) -> AttentionMetadata:
-        """Record the decode rows' block tables, padded into one tensor, for the native decode kernel."""
-        if tables:
-            width = max(len(t) for t in tables)
-            self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-            self.decode_lens = torch.tensor(lens, dtype=torch.int64)
-            self.num_decode = len(tables)
+    def with_row_tables(self, positions: torch.Tensor) -> AttentionMetadata:
+        """Build `tables`, `row_table` and `row_ctx` from the segments and the rows' `positions` `[N]` int64."""
+        tables = [seg.table.tolist() if isinstance(seg.table, torch.Tensor) else seg.table for seg in self.segments]
+        width = max((len(t) for t in tables), default=0)
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        row_table: list[int] = []
+        for i, seg in enumerate(self.segments):
+            row_table.extend([i] * seg.length)
+        self.row_table = torch.tensor(row_table, dtype=torch.int64)
+        self.row_ctx = positions + 1
         return self
 
 
@@ -71,24 +82,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Args: `q` `[N, heads, head_dim]`, `k`/`v` `[N, kv_heads, head_dim]` (the new rows, already
     rotated), caches `[num_blocks, block_size, kv_heads, head_dim]`. Returns `[N, heads, head_dim]`.
 
-    Writes the new K/V first (slot mapping), unless `kv_written` says the caller already has. Then each sequence gathers only its own blocks
-    (`index_select` by its block table) and attends with SDPA (grouped-query attention via
+    Writes the new K/V first (slot mapping), unless `kv_written` says the caller already has. Then each
+    sequence gathers only its own blocks (`index_select` by its block table) and attends with SDPA (grouped-query attention via
     `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
     keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was
     5x slower on CPU (measured, see docs/benchmarks.md). A chunk with nothing cached before it
-    attends over its own new rows and reads no cache at all. On the CPU in float32, decode rows
-    instead go to the native kernel (`llmos.model.native`), which reads the blocks in place.
+    attends over its own new rows and reads no cache at all. On the CPU in float32, with the per-row
+    tables built (`with_row_tables`), every row instead goes to the native kernel
+    (`llmos.model.native.paged_attention_rows`), which reads the blocks in place: one call per layer.
     """
     if not kv_written:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.row_table is not None and native.supports(q, k_cache):
+        return native.paged_attention_rows(q, k_cache, v_cache, meta.tables, meta.row_table, meta.row_ctx, scale)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     kv_shape = k_cache.shape[2:]
     segments = meta.segments
-    if meta.num_decode and meta.decode_tables is not None and native.supports(q, k_cache):
-        d = meta.num_decode
-        out[:d] = native.paged_decode_attention(q[:d], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale)
-        segments = segments[d:]
     for seg in segments:
         rows = slice(seg.start, seg.start + seg.length)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, head_dim]

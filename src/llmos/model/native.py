@@ -52,9 +52,9 @@ def library() -> ctypes.CDLL | None:
         handle = ctypes.CDLL(str(lib))
     except OSError:
         return None
-    f = handle.paged_decode_attention
+    f = handle.paged_attention_rows
     f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    f.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
     g = handle.linear_small_m
     g.restype = None
     g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -71,25 +71,26 @@ def library() -> ctypes.CDLL | None:
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the native decode kernel can run on these tensors (CPU, float32, head_dim <= 256)."""
+    """Whether the native attention kernel can run on these tensors (CPU, float32, contiguous cache)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
             and k_cache.is_contiguous() and library() is not None)
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention over the paged cache, read in place.
+def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         row_table: torch.Tensor, row_ctx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each query row over its sequence's paged cache, read in place.
 
-    `q` `[S, heads, head_dim]`; caches `[num_blocks, block_size, kv_heads, head_dim]`;
-    `block_tables` `[S, max_blocks]` int64; `context_lens` `[S]` int64. Returns `[S, heads, head_dim]`.
+    `q` `[N, heads, head_dim]`; caches `[num_blocks, block_size, kv_heads, head_dim]` (the rows' own K/V
+    already written); `block_tables` `[S, max_blocks]` int64; row r uses table `row_table[r]` and attends
+    over its first `row_ctx[r]` tokens (position + 1); both `[N]` int64. Returns `[N, heads, head_dim]`.
     """
     q = q.contiguous()
     out = torch.empty_like(q)
-    S, H, D = q.shape
+    n, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    library().paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-        out.data_ptr(), S, H, kvh, D, bs, block_tables.shape[1], scale, torch.get_num_threads())
+    library().paged_attention_rows(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), row_table.data_ptr(),
+        row_ctx.data_ptr(), out.data_ptr(), n, h, kvh, d, bs, block_tables.shape[1], scale, torch.get_num_threads())
     return out
 
 

@@ -1,11 +1,10 @@
-/* Paged decode attention for the CPU: one query token per sequence attends over its cached K/V,
- * read in place through the block table (no gather copy). Two passes per (sequence, head):
- * scores and their max, then exp-weighted sum of V. Parallel over (sequence, head) with OpenMP.
- * Same math as softmax(q k^T * scale) v; the kernel layout follows vLLM's paged attention
- * (Kwon et al., "Efficient Memory Management for Large Language Model Serving with PagedAttention", SOSP 2023).
+/* Paged attention for the CPU: each query row attends over its sequence's cached K/V, read in place
+ * through the block table (no gather copy). Per (row, head): scores, their softmax, the weighted sum of V.
+ * Parallel over (row, kv-head group) with OpenMP. Same math as softmax(q k^T * scale) v; the kernel layout
+ * follows vLLM's paged attention (Kwon et al., "Efficient Memory Management for Large Language Model Serving
+ * with PagedAttention", SOSP 2023).
  *
- * q: [S, H, D] float32; k_cache, v_cache: [num_blocks, block_size, KVH, D] float32;
- * block_tables: [S, max_blocks] int64; context_lens: [S] int64; out: [S, H, D] float32.
+ * k_cache, v_cache: [num_blocks, block_size, KVH, D] float32; block tables: [S, max_blocks] int64.
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,30 +65,34 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     free(scores); free(sum);
 }
 
-void paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                            const int64_t *block_tables, const int64_t *context_lens, float *out,
-                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                            int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+/* Causal attention of N query rows over the paged cache: row r attends over the first row_ctx[r] tokens of
+ * the sequence whose block table is block_tables[row_table[r]] (its own K/V already written there). A decode
+ * row has row_ctx = context length; the rows of a prefill chunk have row_ctx = position + 1 each, so one call
+ * covers a whole mixed batch. q: [N, H, D]; out: [N, H, D]; row_table, row_ctx: [N] int64. */
+void paged_attention_rows(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                          const int64_t *row_table, const int64_t *row_ctx, float *out, int64_t num_rows,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                          int64_t max_blocks, float scale, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
-    /* Enough items to keep every thread busy: whole sequences when there are many, else split heads. */
-    int64_t splits = num_seqs >= 2 * num_threads ? 1 : (2 * num_threads + num_seqs - 1) / num_seqs;
+    /* Enough items to keep every thread busy: whole rows when there are many, else split heads. */
+    int64_t splits = num_rows >= 2 * num_threads ? 1 : (2 * num_threads + num_rows - 1) / num_rows;
     if (splits > num_kv_heads) splits = num_kv_heads;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
-    for (int64_t s = 0; s < num_seqs; s++) {
+    for (int64_t s = 0; s < num_rows; s++) {
         for (int64_t i = 0; i < splits; i++) {
             const int64_t g0 = num_kv_heads * i / splits, g1 = num_kv_heads * (i + 1) / splits;
             const float *qs = q + s * num_heads * head_dim;
-            const int64_t *table = block_tables + s * max_blocks;
+            const int64_t *table = block_tables + row_table[s] * max_blocks;
             float *os = out + s * num_heads * head_dim;
             /* A constant head size lets the compiler unroll the per-token dot and axpy loops fully. */
             switch (head_dim) {
-            case 32: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 32,
+            case 32: attend(qs, k_cache, v_cache, table, row_ctx[s], os, g0, g1, group, 32,
                             num_kv_heads * 32, block_size, scale); break;
-            case 64: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 64,
+            case 64: attend(qs, k_cache, v_cache, table, row_ctx[s], os, g0, g1, group, 64,
                             num_kv_heads * 64, block_size, scale); break;
-            case 128: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, 128,
+            case 128: attend(qs, k_cache, v_cache, table, row_ctx[s], os, g0, g1, group, 128,
                              num_kv_heads * 128, block_size, scale); break;
-            default: attend(qs, k_cache, v_cache, table, context_lens[s], os, g0, g1, group, head_dim,
+            default: attend(qs, k_cache, v_cache, table, row_ctx[s], os, g0, g1, group, head_dim,
                             num_kv_heads * head_dim, block_size, scale);
             }
         }
