@@ -138,3 +138,11 @@ def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
     tiny = float.fromhex("0x1p-1060")  # a subnormal double
     assert tiny * 1.5 != 0.0
     assert torch.tensor([1e-40], dtype=torch.float32).mul(1.5).item() != 0.0
+
+
+def test_cpu_linear_with_inference_mode_weights():
+    """Weights created under inference mode (no version counter) can be prepacked too."""
+    with torch.inference_mode():
+        x, w = torch.randn(40, 32), torch.randn(24, 32)
+        torch.testing.assert_close(native.cpu_linear(x, w, None, native.PackedWeight()), x @ w.t(),
+                                   atol=1e-4, rtol=1e-5)

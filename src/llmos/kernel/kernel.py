@@ -162,6 +162,8 @@ class Kernel(MemoryHooks):
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    policy=config.policy, rr_quantum=config.rr_quantum, memory=self)
         self.runner = ModelRunner(self.model, self.pool, self.swap_pool, self.block_manager, self.device)
+        if hasattr(self.model, "warm_up"):
+            self.model.warm_up(config.max_num_batched_tokens, config.max_num_seqs)
         self.processes: dict[int, Process] = {}
         self.streams: dict[int, Stream] = {}
         self._pids = itertools.count(1)

@@ -157,7 +157,8 @@ class PackedWeight:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         global _packed_bytes
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        # An inference tensor has no version counter (and cannot change outside inference mode).
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, tuple(weight.shape))
         if key == self.key:
             return self.tensor
         if self.refused:

@@ -141,6 +141,40 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def cpu_linears(self) -> list[tuple[torch.Tensor, torch.Tensor | None, native.PackedWeight]]:
+        """(weight, bias, packed copy) of every projection the float32 CPU inference path runs; in `forward_paged`
+        order per layer, the LM head last."""
+        out = []
+        for module in self.modules():
+            if isinstance(module, Linear):
+                if module.packed is None:
+                    module.packed = native.PackedWeight()
+                out.append((module.weight, module.bias, module.packed))
+        return out
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int, max_logit_rows: int) -> None:
+        """Prepare float32 CPU inference before the first request: prepack every weight for oneDNN and build its
+        matmul primitive for every row count the kernel can ask for (`native.bucket_rows` of 1..`max_rows`; the
+        LM head up to `max_logit_rows`), so that no step pays for them (0.2-2 ms each). Shapes repeat across
+        layers, so the first layer's weights build them all. A no-op off the CPU, for other dtypes, or without
+        oneDNN."""
+        p = next(self.parameters())
+        if p.device.type != "cpu" or p.dtype != torch.float32 or not native.onednn_linear_available():
+            return
+        linears = self.cpu_linears()
+        for weight, _, packed in linears:
+            packed.get(weight)
+        head = self.lm_head.weight
+        first = {}
+        for weight, bias, packed in linears:
+            key = (tuple(weight.shape), bias is not None, weight is head)
+            first.setdefault(key, (weight, bias, packed))
+        for (shape, _, is_head), (weight, bias, packed) in first.items():
+            limit = max_logit_rows if is_head else max_rows
+            for m in sorted({native.bucket_rows(m) for m in range(1, limit + 1)}):
+                native.cpu_linear(weight.new_zeros(m, shape[1]), weight, bias, packed)
+
 
 class LlamaForCausalLM(CausalLM):
     def __init__(self, c: ModelConfig) -> None:
@@ -194,6 +228,21 @@ class LlamaForCausalLM(CausalLM):
                 m.gate_up_weight, m.gate_up_bias = _fuse([m.gate_proj, m.up_proj])
                 a.qkv_packed, m.gate_up_packed = native.PackedWeight(), native.PackedWeight()
         self._fused = True
+
+    def cpu_linears(self) -> list[tuple[torch.Tensor, torch.Tensor | None, native.PackedWeight]]:
+        self.fuse_projections()
+        out = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.o_proj, m.down_proj):
+                if lin.packed is None:
+                    lin.packed = native.PackedWeight()
+            out += [(a.qkv_weight, a.qkv_bias, a.qkv_packed), (a.o_proj.weight, a.o_proj.bias, a.o_proj.packed),
+                    (m.gate_up_weight, m.gate_up_bias, m.gate_up_packed),
+                    (m.down_proj.weight, m.down_proj.bias, m.down_proj.packed)]
+        if self.lm_head.packed is None:
+            self.lm_head.packed = native.PackedWeight()
+        return out + [(self.lm_head.weight, None, self.lm_head.packed)]
 
     def _forward_paged_fused(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                              meta: AttentionMetadata) -> torch.Tensor:
