@@ -146,3 +146,16 @@ def test_cpu_linear_with_inference_mode_weights():
         x, w = torch.randn(40, 32), torch.randn(24, 32)
         torch.testing.assert_close(native.cpu_linear(x, w, None, native.PackedWeight()), x @ w.t(),
                                    atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (32, 8192), (5, 40000)])
+def test_argmax_rows_matches_torch(rows, vocab):
+    """First maximum per row (ties), and a NaN wins as in torch; strided rows too."""
+    torch.manual_seed(vocab)
+    x = torch.randn(rows, vocab + 3)[:, :vocab]  # strided rows
+    x[0, vocab // 2:] = x[0].max()  # a tie: the first one counts
+    if rows > 2:
+        x[2, vocab - 1] = float("nan")
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    x[:, :] = float("-inf")
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))

@@ -64,6 +64,9 @@ def library() -> ctypes.CDLL | None:
     f = handle.rope_write_kv
     f.restype = None
     f.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    f = handle.argmax_rows
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     f = handle.silu_mul
     f.restype = None
     f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -240,4 +243,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     m, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(m, inter)
     library().silu_mul(gate_up.data_ptr(), out.data_ptr(), m, inter, torch.get_num_threads())
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` for float32 CPU logits `[M, vocab]` (rows may be strided, columns contiguous):
+    the first maximum of each row, or its first NaN, as torch returns. Returns `[M]` int64."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0
+            or library() is None):
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llmos.errors import InvalidRequestError
+from llmos.model import native
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Sampler:
         batch = logits.shape[0]
         if not (len(params) == len(generators) == len(histories) == batch):
             raise ValueError(f"batch of {batch} logits rows needs as many params, generators and histories")
+        if all(p.greedy and p.repetition_penalty == 1 for p in params):  # the common serving batch: argmax only
+            return native.argmax_rows(logits.float())
         logits = apply_repetition_penalty(logits.float(), _column(params, "repetition_penalty", logits), histories)
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         tokens = logits.argmax(dim=-1)

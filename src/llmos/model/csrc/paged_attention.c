@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static void exp_chunk(const float *x, float *y, int64_t n);
 #define EXP_CHUNK 256
@@ -25,9 +28,10 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     float *os = out + g0 * group * head_dim;
     float *scores = (float *)malloc(sizeof(float) * (size_t)(ctx * nh));  /* [nh, ctx] */
     float *sum = (float *)malloc(sizeof(float) * (size_t)nh);
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)ctx);  /* each token's row in the cache */
+    for (int64_t t = 0; t < ctx; t++) off[t] = (table[t / block_size] * block_size + t % block_size) * token_stride;
     for (int64_t t = 0; t < ctx; t++) {
-        const float *row = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
-                           + g0 * head_dim;
+        const float *row = k_cache + off[t] + g0 * head_dim;
         for (int64_t h = 0; h < nh; h++) {
             const float *restrict kp = row + (h / group) * head_dim, *restrict qh = qs + h * head_dim;
             float dot = 0.0f;
@@ -49,8 +53,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     }
     for (int64_t i = 0; i < nh * head_dim; i++) os[i] = 0.0f;
     for (int64_t t = 0; t < ctx; t++) {
-        const float *row = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride
-                           + g0 * head_dim;
+        const float *row = v_cache + off[t] + g0 * head_dim;
         for (int64_t h = 0; h < nh; h++) {
             const float p = scores[h * ctx + t];
             const float *restrict vp = row + (h / group) * head_dim;
@@ -62,7 +65,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
         const float inv = 1.0f / sum[h];
         for (int64_t d = 0; d < head_dim; d++) os[h * head_dim + d] *= inv;
     }
-    free(scores); free(sum);
+    free(scores); free(sum); free(off);
 }
 
 /* Causal attention of N query rows over the paged cache: row r attends over the first row_ctx[r] tokens of
@@ -216,5 +219,54 @@ void silu_mul(const float *gu, float *out, int64_t m, int64_t inter, int num_thr
             exp_chunk(neg, e, n);
             for (int64_t j = 0; j < n; j++) o[j0 + j] = g[j0 + j] / (1.0f + e[j]) * u[j0 + j];
         }
+    }
+}
+
+/* The largest non-NaN value of r[0:n] (-inf when there is none) and whether r holds a NaN. */
+static inline float row_max(const float *r, int64_t n, int *has_nan) {
+    int64_t j = 0;
+    float mx = -INFINITY;
+    int nan = 0;
+#if defined(__AVX512F__)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 un = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 v = _mm512_loadu_ps(r + j);
+        un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(v, m);  /* a NaN in v yields m: NaNs are reported through `un` instead */
+    }
+    mx = _mm512_reduce_max_ps(m);
+    nan = un != 0;
+#endif
+    for (; j < n; j++) {
+        mx = r[j] > mx ? r[j] : mx;
+        nan |= r[j] != r[j];
+    }
+    *has_nan = nan;
+    return mx;
+}
+
+/* out[i] = the index of the first maximum of row i of x [m, n] (row stride `stride`), or of its first NaN if
+ * it has one: what torch.argmax returns. Greedy sampling of a decode batch. */
+void argmax_rows(const float *x, int64_t m, int64_t n, int64_t stride, int64_t *out, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (m * n >= 131072)
+    for (int64_t i = 0; i < m; i++) {
+        const float *r = x + i * stride;
+        int nan;
+        const float mx = row_max(r, n, &nan);
+        int64_t j = 0;
+        if (nan) {
+            while (r[j] == r[j]) j++;
+        } else {
+#if defined(__AVX512F__)
+            const __m512 target = _mm512_set1_ps(mx);
+            for (; j + 16 <= n; j += 16) {
+                const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + j), target, _CMP_EQ_OQ);
+                if (hit) { j += __builtin_ctz(hit); break; }
+            }
+#endif
+            while (j < n - 1 && r[j] != mx) j++;
+        }
+        out[i] = j;
     }
 }
