@@ -171,3 +171,19 @@ def test_cpu_linear_onednn_packing_where_the_panel_kernel_is_not_built(rows, mon
     torch.testing.assert_close(native.cpu_linear(x, w, b, packed), torch.nn.functional.linear(x, w, b),
                                atol=1e-4, rtol=1e-5)
     assert packed.packed is None or packed.packed[0] == "onednn"
+
+
+def test_packed_copies_respect_the_budget_and_give_it_back(monkeypatch):
+    """Past LLMOS_PACK_BYTES a weight stays unpacked (still correct); a dropped copy frees its share."""
+    import gc
+
+    w = torch.randn(64, 32)
+    monkeypatch.setattr(native, "PACK_LIMIT_BYTES", native._packed_bytes + w.numel() * 4)
+    first, second = native.PackedWeight(), native.PackedWeight()
+    assert first.get(w) is not None
+    assert second.get(w) is None  # over the budget
+    x = torch.randn(20, 32)
+    torch.testing.assert_close(native.cpu_linear(x, w, None, second), x @ w.t(), atol=1e-4, rtol=1e-5)
+    del first
+    gc.collect()
+    assert native.PackedWeight().get(w) is not None

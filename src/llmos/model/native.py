@@ -175,6 +175,11 @@ class PackedWeight:
         self.packed: tuple[str, torch.Tensor] | None = None
         self.key: tuple | None = None
         self.refused = False
+        self.nbytes = 0
+
+    def __del__(self) -> None:  # a dropped model gives its share of the budget back
+        global _packed_bytes
+        _packed_bytes -= self.nbytes
 
     def get(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         global _packed_bytes
@@ -202,6 +207,7 @@ class PackedWeight:
                 return None
         if self.packed is None:
             _packed_bytes += nbytes
+            self.nbytes = nbytes
         self.packed, self.key = packed, key
         return packed
 
