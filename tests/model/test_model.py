@@ -49,8 +49,8 @@ def pair(request, tmp_path_factory):
 class PagedCache:
     """A minimal paged KV cache for tests: random, non-contiguous block ids per sequence."""
 
-    def __init__(self, config: ModelConfig, num_blocks=64, block_size=4, seed=0):
-        self.bs = block_size
+    def __init__(self, config: ModelConfig, num_blocks=64, block_size=4, seed=0, native_tables=True):
+        self.bs, self.native_tables = block_size, native_tables
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_layers)]
         self.free = list(range(num_blocks))
@@ -73,6 +73,8 @@ class PagedCache:
             slots += self.slots(seq, p0, len(toks))
             segs.append(Segment(start, len(toks), p0 + len(toks), torch.tensor(self.tables[seq])))
         meta = AttentionMetadata(torch.tensor(slots), segs)
+        if self.native_tables:  # as the kernel's runner does on the CPU: the native attention kernel runs
+            meta.with_row_tables(torch.tensor(pos))
         last = [seg.start + seg.length - 1 for seg in segs]
         with torch.no_grad():
             h = model.forward_paged(torch.tensor(ids), torch.tensor(pos), self.kv, meta)
@@ -86,12 +88,13 @@ def test_prefill_logits_match(pair):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
-def test_paged_decode_matches_step_by_step(pair):
+@pytest.mark.parametrize("native_tables", [True, False], ids=["native-attention", "torch-attention"])
+def test_paged_decode_matches_step_by_step(pair, native_tables):
     """Two sequences: chunked prefill (with prior context), then decode together, each step against HF."""
     hf, ours, config = pair
     g = torch.Generator().manual_seed(2)
     a, b = torch.randint(0, V, (23,), generator=g).tolist(), torch.randint(0, V, (9,), generator=g).tolist()
-    cache = PagedCache(config)
+    cache = PagedCache(config, native_tables=native_tables)
     cache.step(ours, [], [(0, a[:10], 0)])  # first chunk of a
     out = cache.step(ours, [], [(0, a[10:], 10), (1, b, 0)])  # rest of a (attends over the cached chunk) + all of b
     with torch.no_grad():
@@ -129,6 +132,8 @@ def test_greedy_generation_equals_transformers(pair):
 
 def test_llmos_checkpoint_loads_in_transformers(pair, tmp_path):
     hf, ours, config = pair
+    if hasattr(ours, "fuse_projections"):
+        ours.fuse_projections()  # as a kernel leaves it: q/k/v and gate/up are views of fused weights
     save_model(ours, config, tmp_path / "ckpt")
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     ids = torch.randint(0, V, (2, 31), generator=torch.Generator().manual_seed(4))

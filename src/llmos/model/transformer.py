@@ -18,8 +18,9 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear`: the one-pass
-    kernel for a few rows (decode), oneDNN's matmul for more; training and other devices use `F.linear`."""
+    """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear` with a packed copy
+    of its weight (the panel kernel for decode-sized inputs, oneDNN's matmul for larger ones); training and other
+    devices use `F.linear`."""
 
     packed: native.PackedWeight | None = None
 
@@ -214,7 +215,6 @@ class LlamaForCausalLM(CausalLM):
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         return self.model.norm(x)
-
 
     # ---- the fused float32 CPU path of forward_paged ----
 
