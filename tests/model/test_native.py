@@ -187,3 +187,16 @@ def test_packed_copies_respect_the_budget_and_give_it_back(monkeypatch):
     del first
     gc.collect()
     assert native.PackedWeight().get(w) is not None
+
+
+def test_a_model_the_kernel_did_not_prepare_reads_its_live_weights():
+    """Outside the kernel (evaluation, merging LoRA adapters) weights change through `.data`, which no version
+    counter sees: such a module must not keep a packed copy."""
+    from llmos.model.transformer import Linear
+
+    torch.manual_seed(0)
+    lin, x = Linear(32, 48), torch.randn(40, 32)
+    with torch.no_grad():
+        lin(x)
+        lin.weight.data += 1.0
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)

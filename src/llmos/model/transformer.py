@@ -18,17 +18,18 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear` with a packed copy
-    of its weight (the panel kernel for decode-sized inputs, oneDNN's matmul for larger ones); training and other
-    devices use `F.linear`."""
+    """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear` (in the kernel with a
+    packed copy of its weight: the panel kernel for decode-sized inputs, oneDNN's matmul for larger ones);
+    training and other devices use `F.linear`."""
 
+    # Set by the kernel (`CausalLM.warm_up`), whose weights never change after it starts. Elsewhere (training,
+    # evaluation, merging adapters) weights may be changed through `.data`, which no version counter sees, so
+    # a module that the kernel did not prepare always reads its live weight.
     packed: native.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and not torch.is_grad_enabled()):
-            if self.packed is None:
-                self.packed = native.PackedWeight()
             return native.cpu_linear(x, self.weight, self.bias, self.packed)
         return super().forward(x)
 
