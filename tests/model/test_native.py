@@ -200,3 +200,24 @@ def test_a_model_the_kernel_did_not_prepare_reads_its_live_weights():
         lin(x)
         lin.weight.data += 1.0
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_linear_gradients_match_f_linear(bias):
+    """The oneDNN matmul under autograd: output and the three gradients as `F.linear` gives them."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 70, 96, requires_grad=True)
+    w = torch.randn(130, 96, requires_grad=True)
+    b = torch.randn(130, requires_grad=True) if bias else None
+    y = native.training_linear(x, w, b)
+    if y is None:
+        pytest.skip("oneDNN is not available in this torch build")
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), g)
+    ref_y = torch.nn.functional.linear(x, w, b)
+    ref = torch.autograd.grad(ref_y, [x, w] + ([b] if bias else []), g)
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-5)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native.training_linear(x, w, b) is None  # autocast keeps F.linear (and its bf16 cast)

@@ -19,8 +19,8 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 class Linear(nn.Linear):
     """`nn.Linear` whose float32 CPU inference (no autograd) goes through `native.cpu_linear` (in the kernel with a
-    packed copy of its weight: the panel kernel for decode-sized inputs, oneDNN's matmul for larger ones);
-    training and other devices use `F.linear`."""
+    packed copy of its weight: the panel kernel for decode-sized inputs, oneDNN's matmul for larger ones); float32
+    CPU training through `native.training_linear` (oneDNN under autograd); other devices and dtypes `F.linear`."""
 
     # Set by the kernel (`CausalLM.warm_up`), whose weights never change after it starts. Elsewhere (training,
     # evaluation, merging adapters) weights may be changed through `.data`, which no version counter sees, so
@@ -31,7 +31,8 @@ class Linear(nn.Linear):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and not torch.is_grad_enabled()):
             return native.cpu_linear(x, self.weight, self.bias, self.packed)
-        return super().forward(x)
+        y = native.training_linear(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 class RMSNorm(nn.Module):
