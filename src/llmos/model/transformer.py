@@ -29,7 +29,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled()):
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):  # compiled: inductor's own
             return native.cpu_linear(x, self.weight, self.bias, self.packed)
         y = native.training_linear(x, self.weight, self.bias)
         return super().forward(x) if y is None else y
@@ -280,7 +280,7 @@ def fused_cpu_path(x: torch.Tensor, kv_caches: KVCaches) -> bool:
     k = kv_caches[0][0] if kv_caches else None
     return (x.device.type == "cpu" and x.dtype == torch.float32 and k is not None and k.dtype == torch.float32
             and k.is_contiguous() and kv_caches[0][1].is_contiguous() and not torch.is_grad_enabled()
-            and native.library() is not None)
+            and not torch.compiler.is_compiling() and native.library() is not None)
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
