@@ -102,10 +102,10 @@ def test_windows_are_shifted_targets():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("llmos", ("llmos", ("fused-ce", "fused-adamw", "malloc"))),
+    ("llmos", ("llmos", ("fused-ce", "fused-adamw", "malloc", "onednn"))),
     ("llmos-base", ("llmos", ())),
     ("llmos-base+fused-adamw", ("llmos", ("fused-adamw",))),
-    ("llmos+compile", ("llmos", ("fused-ce", "fused-adamw", "malloc", "compile"))),
+    ("llmos+compile", ("llmos", ("fused-ce", "fused-adamw", "malloc", "onednn", "compile"))),
     ("hf-trainer", ("hf-trainer", ())),
     ("hf-trainer+compile", ("hf-trainer", ("compile",))),
 ])

@@ -33,8 +33,8 @@ from llmos.errors import InvalidRequestError
 SYSTEMS = ("llmos", "llmos+compile", "hf-trainer", "torch-loop")  # the default run
 QUICK_SYSTEMS = ("llmos", "hf-trainer", "torch-loop")  # --quick: no compilation (tens of seconds)
 PEER = "hf-trainer"  # the ratio's denominator
-LEVERS = ("fused-ce", "fused-adamw", "malloc", "compile")  # llmos.train.fast's helpers, one by one
-DEFAULT_LEVERS = ("fused-ce", "fused-adamw", "malloc")  # "llmos" = llmos-base+fused-ce+fused-adamw+malloc
+LEVERS = ("fused-ce", "fused-adamw", "malloc", "onednn", "compile")  # llmos.train.fast's helpers, one by one
+DEFAULT_LEVERS = ("fused-ce", "fused-adamw", "malloc", "onednn")  # "llmos" = llmos-base + all four
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ class TrainBenchConfig:
 def parse_system(name: str) -> tuple[str, tuple[str, ...]]:
     """'llmos' -> ('llmos', DEFAULT_LEVERS); 'llmos-base+fused-ce' -> ('llmos', ('fused-ce',)); peers -> (name, ()).
 
-    `llmos-base` is the trainer's loop with no lever (F.cross_entropy on full logits, the default for-loop AdamW);
-    each `+lever` adds one of `LEVERS`. Raises `InvalidRequestError` for an unknown name."""
+    `llmos-base` is the trainer's loop with no lever (F.cross_entropy on full logits, the default for-loop AdamW,
+    MKL matmuls); each `+lever` adds one of `LEVERS`. Raises `InvalidRequestError` for an unknown name."""
     if name in ("hf-trainer", "torch-loop"):
         return name, ()
     if name == "hf-trainer+compile":  # the Trainer's own torch_compile=True
@@ -234,8 +234,8 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...], run_dir: Path) -> di
     rewrites progress.json after each step's row (a wrapper around its `atomic_write` that only records).
 
     `llmos-base` and lever subsets switch the trainer's own choices off where it makes them: no fused loss
-    (`fused_loss_module` -> None: `F.cross_entropy` on the full logits) and torch's default AdamW
-    (`make_optimizer(fused=False)`). Checks that the run trained on `batches` (the windows the peers get)."""
+    (`fused_loss_module` -> None: `F.cross_entropy` on the full logits), torch's default AdamW
+    (`make_optimizer(fused=False)`) and no oneDNN matmuls (`F.linear`, MKL's sgemm). Checks that the run trained on `batches` (the windows the peers get)."""
     from llmos.train import trainer
 
     if "malloc" in levers:
@@ -244,6 +244,10 @@ def run_llmos(spec: dict, batches, levers: tuple[str, ...], run_dir: Path) -> di
         fast.tune_allocator()
     if "fused-ce" not in levers:
         trainer.fused_loss_module = lambda *args, **kwargs: None
+    if "onednn" not in levers:  # F.linear (MKL sgemm) for every matmul, as LLMOS_ONEDNN=0 makes it
+        from llmos.model import native
+
+        native.onednn_linear_available = lambda: False
     if "fused-adamw" not in levers:
         make_optimizer = trainer.make_optimizer
         trainer.make_optimizer = lambda model, c, fused=False: make_optimizer(model, c, fused=False)
