@@ -143,3 +143,52 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError, match="make_default_model.sh"):
         checkpoints.resolve_model("default")
 
+
+
+def test_a_model_given_by_relative_path_logs_into_out(bench_model_dir, tmp_path, monkeypatch):
+    """`--model sub/dir`: the job logs go to OUT/logs/<dir name>-<system>.log, never beside the model."""
+    import shutil
+
+    shutil.copytree(bench_model_dir, tmp_path / "models" / "tiny model")
+    monkeypatch.chdir(tmp_path)
+    config = BenchConfig(models=["models/tiny model"], systems=("llmos",), quick=True, decode=False, threads=1,
+                         out=tmp_path / "out")
+    results = run_benchmark(config, Console(file=io.StringIO(), width=160))
+    assert not results["models"][0]["failed"]
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["tiny_model-llmos.log"]
+    assert not list((tmp_path / "models").glob("*.log"))
+
+
+def test_bad_input_found_by_a_job_is_a_clear_error(bench_model_dir, tmp_path):
+    """A truncated checkpoint (or a kernel setting the job refuses) stops the run with the job's own message."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bench_model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = BenchConfig(models=[str(bad)], systems=("llmos",), quick=True, decode=False, threads=1,
+                         out=tmp_path / "out")
+    with pytest.raises(InvalidRequestError, match=r"llmos on .*bad.*safetensors"):
+        run_benchmark(config, Console(file=io.StringIO(), width=160))
+
+
+def test_cli_exit_codes_for_failed_runs_and_empty_systems(bench_model_dir, tmp_path, monkeypatch):
+    """A run that crashes: results are written and the command exits 1 naming it; `--systems ""` is refused
+    (exit 2) instead of meaning the default systems."""
+    import typer
+    from typer.testing import CliRunner
+
+    from llmos.bench import serving
+    from llmos.cli import bench_cmd
+
+    app = typer.Typer()
+    app.command()(bench_cmd.bench_command)
+    monkeypatch.setattr(serving, "run_job", lambda spec, log, bar, task: {"error": "exit code 1: boom"})
+    result = CliRunner().invoke(app, ["--model", str(bench_model_dir), "--systems", "llmos", "--quick",
+                                      "--no-decode", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "1 run(s) failed" in result.output and "boom" in result.output
+    assert (tmp_path / "out" / "results.json").is_file()
+    result = CliRunner().invoke(app, ["--systems", "", "--out", str(tmp_path / "out2")])
+    assert isinstance(result.exception, InvalidRequestError) and "unknown system" in str(result.exception)

@@ -190,6 +190,14 @@ def test_unsupported_rope_scaling(good_dir):
         load_model(good_dir)
 
 
+@pytest.mark.parametrize("option", [{"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True}])
+def test_gpt2_attention_scale_options_are_refused(tmp_path, option):
+    """transformers honours these; llmos would silently compute other logits, so it refuses them."""
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, **option)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="attention scale"):
+        load_model(tmp_path)
+
+
 def test_truncated_safetensors(good_dir):
     f = good_dir / "model.safetensors"
     data = f.read_bytes()

@@ -8,10 +8,12 @@ per system and no system warms or disturbs another), a progress bar, the results
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,13 @@ class BenchConfig:
         self.explicit_models = self.models is not None
         if not self.models:
             self.models = ["tiny"] if self.quick else list(DEFAULT_MODELS)
+        peers = [s for s in self.systems if s.startswith("hf-")]
+        built = [m for m in self.models if m in RANDOM_MODELS]
+        if (peers or built) and importlib.util.find_spec("transformers") is None:
+            needs = ", ".join(peers + [f"building {m}" for m in built])
+            raise InvalidRequestError(f"{needs} need(s) transformers, which is not installed: install the bench extra "
+                                      "(pip install -e '.[bench]'), or benchmark llmos alone on a model directory "
+                                      "(--systems llmos --model DIR).")
         for name in self.models:
             if name not in ("default", *RANDOM_MODELS) and not Path(name).expanduser().is_dir():
                 raise ModelLoadError(f"model {name!r} is neither a directory nor one of default, "
@@ -230,10 +239,19 @@ def run_model(config: BenchConfig, name: str, model_dir: Path, out: Path, consol
         overall = bar.add_task(f"{name}: {len(requests)} requests", total=len(jobs))
         for system, spec in jobs:
             task = bar.add_task(f"  {system}", total=None)
-            raw[system] = run_job({**spec, "job": system}, out / "logs" / f"{name}-{system}.log", bar, task)
+            raw[system] = run_job({**spec, "job": system}, out / "logs" / f"{label(name)}-{system}.log", bar, task)
             bar.update(task, description=f"  {system}" + (" [red]failed[/red]" if "error" in raw[system] else ""))
             bar.advance(overall)
-    return report.summarize_model(name, model_dir, mc, workload, requests, raw)
+            if "user_error" in raw[system]:  # bad input (a setting, the checkpoint): the same for every system
+                raise InvalidRequestError(f"{system} on {name}: {raw[system]['user_error']}")
+    summary = report.summarize_model(name, model_dir, mc, workload, requests, raw)
+    summary["failed"] = [f"{name} {system}: {r['error']}" for system, r in raw.items() if "error" in r]
+    return summary
+
+
+def label(name: str) -> str:
+    """A file-name-safe label for a model given by name or path (its last component)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name) or "model"
 
 
 def run_job(spec: dict, log: Path, bar: Progress, task) -> dict:
@@ -262,10 +280,13 @@ def run_job(spec: dict, log: Path, bar: Progress, task) -> dict:
             code = child.wait()
         if code == 0:
             bar.update(task, completed=total, total=total)
-        if code != 0 or not result_file.is_file():
+        result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if result is not None and "user_error" in result:
+            return {"error": f"bad input: {result['user_error']}", "user_error": result["user_error"]}
+        if code != 0 or result is None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             return {"error": f"exit code {code}: {tail[0][:300]} (full log: {log})"}
-        return json.loads(result_file.read_text())
+        return result
 
 
 def main(argv: list[str] | None = None) -> None:

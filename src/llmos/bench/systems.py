@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from llmos.errors import LlmosError
+
 SERVING_SYSTEMS = ("llmos", "hf-sequential", "hf-static", "hf-continuous", "hf-continuous-exact")
 JOBS = SERVING_SYSTEMS + ("llmos-decode", "hf-decode", "bandwidth")
 PAD_ID = 0  # left padding for the static batch; masked out, so any id would do
@@ -330,8 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     progress_stream = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints (library banners) go to the log, not into the progress protocol
     torch.set_num_threads(spec["threads"])
-    with torch.inference_mode():
-        result = RUNNERS[spec["job"]](spec, Progress(progress_stream))
+    try:
+        with torch.inference_mode():
+            result = RUNNERS[spec["job"]](spec, Progress(progress_stream))
+    except LlmosError as e:  # bad input (a kernel setting, the checkpoint): the parent reports it as such
+        print(f"error: {e}", file=sys.stderr)
+        Path(out_path).write_text(json.dumps({"user_error": str(e)}))
+        sys.exit(2)
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["threads"] = torch.get_num_threads()
     Path(out_path).write_text(json.dumps(result))

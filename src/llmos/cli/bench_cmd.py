@@ -81,11 +81,18 @@ def bench_command(
         return
     from llmos.bench.serving import BenchConfig, run_benchmark
 
-    systems = systems or "llmos,hf-sequential,hf-static,hf-continuous"
+    if systems is None:
+        systems = "llmos,hf-sequential,hf-static,hf-continuous"
     config = BenchConfig(models=model, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
                          requests=requests, seed=seed, threads=threads, out=out, quick=quick, decode=decode,
                          kv_memory=kv_memory, max_num_batched_tokens=max_batched_tokens)
-    run_benchmark(config)
+    results = run_benchmark(config)
+    failed = [f for m in results["models"] for f in m.get("failed", [])]
+    if failed:
+        typer.echo(f"error: {len(failed)} run(s) failed (logs in {out / 'logs'}):", err=True)
+        for line in failed:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
 
 
 def _train_suite(model, systems, seed, threads, out, quick, steps, warmup, rounds, batch_size, seq_len,
@@ -101,7 +108,9 @@ def _train_suite(model, systems, seed, threads, out, quick, steps, warmup, round
                                    seq_len=seq_len).items() if v is not None}
     if model:
         given["shape"] = model[0]
-    names = tuple(s.strip() for s in (systems or ",".join(QUICK_SYSTEMS if quick else SYSTEMS)).split(",") if s.strip())
+    if systems is None:
+        systems = ",".join(QUICK_SYSTEMS if quick else SYSTEMS)
+    names = tuple(s.strip() for s in systems.split(",") if s.strip())
     program = "llmos" if Path(sys.argv[0]).name == "llmos" else f"python {sys.argv[0]}"
     command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
     common = dict(systems=names, seed=seed, threads=threads or 0, out=out, img_dir=img_dir, command=command, **given)

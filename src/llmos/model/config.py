@@ -159,6 +159,11 @@ class ModelConfig:
                     bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids, torch_dtype=str(dtype),
                 )
             if model_type == "gpt2":
+                if not d.get("scale_attn_weights", True) or d.get("scale_attn_by_inverse_layer_idx", False):
+                    raise UnsupportedModelError(
+                        "this gpt2 config changes the attention scale (scale_attn_weights false or "
+                        "scale_attn_by_inverse_layer_idx true), which llmos does not support; it runs GPT-2 models "
+                        "with the standard 1/sqrt(head_dim) scale.")
                 hidden = d["n_embd"]
                 return cls(
                     model_type="gpt2", vocab_size=d["vocab_size"], hidden_size=hidden,
