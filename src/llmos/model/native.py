@@ -258,9 +258,20 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # ---- Training: the same oneDNN matmul under autograd --------------------------------------------------------
 
 
-def onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` through oneDNN for `x` `[M, K]`, `weight` `[N, K]` (float32 CPU); `[M, N]`."""
+@torch.library.custom_op("llmos::onednn_mm", mutates_args=())
+def _onednn_mm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
+@_onednn_mm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` through oneDNN for `x` `[M, K]`, `weight` `[N, K]` (float32 CPU); `[M, N]`.
+    A custom op (`llmos::onednn_mm`), so that `torch.compile` keeps it as one opaque call."""
+    return _onednn_mm_op(x, weight, bias)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -291,11 +302,11 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` under autograd through oneDNN when it applies (float32 CPU tensors, plain
-    tensors (not DTensor shards), no autocast, not inside `torch.compile`, oneDNN available); else None."""
+    tensors (not DTensor shards), no autocast, oneDNN available); else None. Inside `torch.compile` the matmuls
+    stay opaque custom-op calls and inductor fuses what is around them."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(x) is torch.Tensor
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and x.numel() > 0 and onednn_linear_available()):
+            and not torch.is_autocast_enabled("cpu") and x.numel() > 0 and onednn_linear_available()):
         return None
     return _OneDNNLinear.apply(x, weight, bias)
 

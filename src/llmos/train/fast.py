@@ -42,8 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         # oneDNN for the two products of the form x @ W^T (2x MKL's sgemm on the project's AMD EPYC); the
         # weight gradient's accumulation stays an in-place addmm_ (as fast either way, and no copies).
-        onednn = (hidden.device.type == "cpu" and dtype == torch.float32 and native.onednn_linear_available()
-                  and not torch.compiler.is_compiling())
+        onednn = hidden.device.type == "cpu" and dtype == torch.float32 and native.onednn_linear_available()
         w_t = w.t().contiguous() if onednn and need_h else None
         counted = targets != ignore_index
         count = int(counted.sum())
