@@ -28,6 +28,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LLMOS_HOME") or "~/.llmos").expanduser() / "cache" / "native"
 
 
+P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {  # the C functions of csrc/paged_attention.c: (return type, argument types)
+    "paged_attention_rows": (None, [P] * 7 + [I64] * 6 + [F32, INT]),
+    "linear_small_m": (None, [P] * 4 + [I64] * 3 + [INT]),
+    "add_rms_norm": (None, [P] * 4 + [I64] * 2 + [F32, INT]),
+    "rope_write_kv": (None, [P] * 9 + [I64] * 4 + [INT]),
+    "gemm_panels_available": (INT, []),
+    "pack_panels": (None, [P] * 2 + [I64] * 2),
+    "gemm_panels": (None, [P] * 4 + [I64] * 3 + [INT]),
+    "argmax_rows": (None, [P] + [I64] * 3 + [P, INT]),
+    "silu_mul": (None, [P] * 2 + [I64] * 2 + [INT]),
+}
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they cannot be built here (no compiler, LLMOS_NATIVE=0)."""
@@ -52,33 +66,9 @@ def library() -> ctypes.CDLL | None:
         handle = ctypes.CDLL(str(lib))
     except OSError:
         return None
-    f = handle.paged_attention_rows
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-    g = handle.linear_small_m
-    g.restype = None
-    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    f = handle.add_rms_norm
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    f = handle.rope_write_kv
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    f = handle.gemm_panels_available
-    f.restype = ctypes.c_int
-    f.argtypes = []
-    f = handle.pack_panels
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    f = handle.gemm_panels
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    f = handle.argmax_rows
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
-    f = handle.silu_mul
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    for name, (restype, argtypes) in SIGNATURES.items():
+        f = getattr(handle, name)
+        f.restype, f.argtypes = restype, argtypes
     return handle
 
 
