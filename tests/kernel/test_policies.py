@@ -12,7 +12,7 @@ from llmos.errors import InvalidRequestError
 from llmos.kernel import proc
 from llmos.kernel.kvcache import BlockManager
 from llmos.kernel.proc import Process, ProcState
-from llmos.kernel.sched import FairPolicy, PriorityPolicy, Scheduler, SchedulingError, vtc_bound
+from llmos.kernel.sched import FairPolicy, Scheduler, SchedulingError, vtc_bound
 from llmos.model.sampling import SamplingParams
 
 

@@ -83,7 +83,8 @@ class ModelRunner:
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 positions.extend(range(start, start + n))
-                slots.extend([table[i // bs] * bs + i % bs for i in range(start, start + n)])
+                pos = torch.arange(start, start + n)
+                slots.extend((torch.tensor(table)[pos // bs] * bs + pos % bs).tolist())
             segments.append(Segment(row, n, start + n, table, dev))
             if start + n == p.num_tokens:
                 sample_rows.append(row + n - 1)

@@ -82,14 +82,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Args: `q` `[N, heads, head_dim]`, `k`/`v` `[N, kv_heads, head_dim]` (the new rows, already
     rotated), caches `[num_blocks, block_size, kv_heads, head_dim]`. Returns `[N, heads, head_dim]`.
 
-    Writes the new K/V first (slot mapping), unless `kv_written` says the caller already has. Then each
-    sequence gathers only its own blocks (`index_select` by its block table) and attends with SDPA (grouped-query attention via
-    `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
-    keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was
-    5x slower on CPU (measured, see docs/benchmarks.md). A chunk with nothing cached before it
-    attends over its own new rows and reads no cache at all. On the CPU in float32, with the per-row
-    tables built (`with_row_tables`), every row instead goes to the native kernel
-    (`llmos.model.native.paged_attention_rows`), which reads the blocks in place: one call per layer.
+    Writes the new K/V first (slot mapping), unless `kv_written` says the caller already has. Then each sequence
+    gathers only its own blocks (`index_select` by its block table) and attends with SDPA (grouped-query
+    attention via `enable_gqa`). A loop over sequences, not tokens or blocks: gathering one sequence at a time
+    keeps the copy in cache, where one padded gather of the whole batch went through DRAM and was 5x slower on
+    CPU (measured, see docs/benchmarks.md). A chunk with nothing cached before it attends over its own new rows
+    and reads no cache at all. On the CPU in float32, with the per-row tables built (`with_row_tables`), every
+    row instead goes to the native kernel (`llmos.model.native.paged_attention_rows`), which reads the blocks in
+    place: one call per layer.
     """
     if not kv_written:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)

@@ -195,7 +195,6 @@ def launch(nproc: int, args: list[str], progress_file: str | os.PathLike | None 
     default here 600 s, bounds the wait). On Linux torchrun dies with this launcher and the ranks with
     torchrun, so a SIGKILL to the group ends them all.
     """
-    import json
     import signal
     import tempfile
 
