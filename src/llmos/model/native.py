@@ -96,8 +96,7 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-SMALL_M = 16  # rows up to which linear_small_m beats BLAS sgemm on the CPU (1.4-3x, measured at hidden 768)
-# Rows up to which the one-pass kernel also beats oneDNN (measured on the 2-core EPYC at 256-2048 wide layers:
+# Rows up to which the one-pass kernel (linear_small_m) beats oneDNN (measured on the 2-core EPYC at 256-2048 wide layers:
 # 1.3-2x at 4 rows, about even at 8 rows for inputs up to 1024 wide, slower beyond).
 NATIVE_M = 4
 NATIVE_M_NARROW = 8  # for inputs at most NARROW_K wide
@@ -105,7 +104,8 @@ NARROW_K = 1024
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight.T + bias` for `x` `[..., in]` with at most `SMALL_M` rows, float32 CPU, no autograd.
+    """`x @ weight.T + bias` for `x` `[..., in]` with a few rows (`NATIVE_M`, `NATIVE_M_NARROW`), float32 CPU,
+    no autograd.
 
     `weight` `[out, in]` contiguous. Returns `[..., out]`.
     """

@@ -17,11 +17,11 @@
 static void exp_chunk(const float *x, float *y, int64_t n);
 #define EXP_CHUNK 256
 
-/* One work item: sequence s, kv heads [g0, g1). Three passes: scores [nh, ctx] (each cached K row read once,
+/* One work item: query row s, kv heads [g0, g1). Three passes: scores [nh, ctx] (each cached K row read once,
  * as one contiguous slice covering all the item's heads), then per head the max, e^(score - max) (vectorized,
  * exp_chunk) and their sum, then the weighted sum of V rows. */
-static inline __attribute__((always_inline)) void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t ctx,
-                   float *out, int64_t g0, int64_t g1, int64_t group, int64_t head_dim, int64_t token_stride,
+static inline __attribute__((always_inline)) void attend(const float *q, const float *k_cache,
+                   const float *v_cache, const int64_t *table, int64_t ctx, float *out, int64_t g0, int64_t g1, int64_t group, int64_t head_dim, int64_t token_stride,
                    int64_t block_size, float scale) {
     const int64_t nh = (g1 - g0) * group;   /* query heads in this item */
     const float *qs = q + g0 * group * head_dim;
